@@ -9,4 +9,4 @@ def build_date() -> str:
         from ociregistry._buildinfo import BUILD_DATE
     except ImportError:
         return "dev"
-    return BUILD_DATE
+    return str(BUILD_DATE)

@@ -19,8 +19,13 @@ class RegistryError(Exception):
 
     def body(self) -> bytes:
         """Render the OCI error body for this error."""
-        error = {"code": self.code, "message": self.message, "detail": None}
-        return json.dumps({"errors": [error]}).encode()
+        return self.body_for(self.code, self.message).encode()
+
+    @staticmethod
+    def body_for(code: str, message: str) -> str:
+        """Render an OCI error body from a code and a message."""
+        error = {"code": code, "message": message, "detail": None}
+        return json.dumps({"errors": [error]})
 
 
 class NameInvalid(RegistryError):

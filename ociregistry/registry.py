@@ -2,24 +2,81 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 
 import bottle
 
+from ociregistry.cache import PullThroughCache
 from ociregistry.config import Settings
+from ociregistry.errors import RegistryError
+from ociregistry.metrics import Metrics
+from ociregistry.reference import UpstreamPolicy, normalize_upstream
+from ociregistry.routes import JSON, RegistryApi, oci_errors_plugin
+from ociregistry.store import Store
+from ociregistry.upstream import UpstreamClient
+from ociregistry.wsgi import AccessLog
+
+log = logging.getLogger(__name__)
 
 
 class Registry:
     """Own everything `serve` runs: the WSGI app and its background work."""
 
-    def __init__(self, settings: Settings, request_stop: Callable[[], None]):
+    def __init__(
+        self,
+        settings: Settings,
+        request_stop: Callable[[], None],
+        metrics: Metrics | None = None,
+    ) -> None:
         self.settings = settings
         self.request_stop = request_stop
-        self.wsgi = bottle.Bottle()
-        self.wsgi.route("/v2/", ["GET", "HEAD"], lambda: "{}")
+        self.metrics = metrics or Metrics()
+        self.store = Store(settings.image_path)
+        self.client = UpstreamClient(settings)
+        self.cache = PullThroughCache(settings, self.store, self.client, self.metrics)
+        self.policy = UpstreamPolicy(
+            default_ns=normalize_upstream(settings.default_ns)
+            if settings.default_ns
+            else "",
+            allowed=tuple(settings.allowed_upstreams),
+        )
+        self.api = RegistryApi(self.cache, self.policy, self.metrics)
+        self.app = build_app(self.api, self.metrics)
+        self.wsgi = AccessLog(self.app)
+        self.is_ready = False
 
     def start(self) -> None:
-        """Index the cache and start background tasks."""
+        """Clean up after dead processes and index the cache."""
+        started = time.monotonic()
+        removed = self.store.clean_temp()
+        count = self.store.load_index()
+        log.info(
+            "indexed cache: %d manifests in %.2fs (%d stale temporary files removed)",
+            count,
+            time.monotonic() - started,
+            removed,
+        )
+        self.is_ready = True
 
     def close(self) -> None:
         """Stop background tasks and release upstream connections."""
+        self.is_ready = False
+        self.cache.downloads.pool.kill(block=False)
+        self.client.close()
+
+
+def build_app(api: RegistryApi, metrics: Metrics) -> bottle.Bottle:
+    """Make the Bottle app: routes, OCI error rendering, JSON 404/405."""
+    app = bottle.Bottle()
+    app.install(oci_errors_plugin(metrics))
+    api.install(app)
+    app.default_error_handler = _plain_error
+    return app
+
+
+def _plain_error(error: bottle.HTTPError) -> str:
+    bottle.response.set_header("Content-Type", JSON)
+    code = {404: "NAME_UNKNOWN", 405: "UNSUPPORTED"}.get(error.status_code, "UNKNOWN")
+    return RegistryError.body_for(code, str(error.body or error.status_line))

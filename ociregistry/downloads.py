@@ -1,0 +1,248 @@
+"""Blob downloads: one per blob, written to the cache, read by many clients.
+
+A download runs in its own greenlet, independent of the client that asked
+for it: it streams the upstream body into a temporary file while it hashes
+it, and moves the file into place only once the digest checks out. Clients
+(any number, joining at any time) read the temporary file as it grows, so the
+first bytes reach them before the layer is on disk, and a client that goes
+away does not stop the download. Across processes, the work is claimed with a
+lock file; a process that finds the lock taken waits for the blob to appear.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections.abc import Iterator
+
+import gevent
+import urllib3
+from gevent.event import Event
+from gevent.pool import Pool
+from urllib3.exceptions import HTTPError, ProtocolError, ReadTimeoutError
+
+from ociregistry.errors import (
+    BlobUnknown,
+    RegistryError,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from ociregistry.reference import Repository
+from ociregistry.store import BlobWriter, FileLock, Store
+from ociregistry.upstream import UpstreamClient
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1024 * 1024
+CLAIM_POLL = 0.05  # seconds between looks at another process's download
+
+
+class StreamAborted(ConnectionResetError):
+    """Raised mid-body to make the WSGI server drop the client connection.
+
+    Once headers and part of a body have been sent, the only honest way to
+    report a failure is to close the connection short of Content-Length.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(errno.ECONNRESET, reason)
+
+
+class Download:
+    """One blob on its way from an upstream into the cache."""
+
+    def __init__(self, hex_digest: str, repo: Repository, store: Store) -> None:
+        self.hex = hex_digest
+        self.repo = repo
+        self.store = store
+        self.size = -1
+        self.written = 0
+        self.temp_path = ""
+        self.is_done = False
+        self.is_cached = False
+        self.error: RegistryError | None = None
+        self.started = Event()
+        self._changed = Event()
+
+    def notify(self) -> None:
+        """Wake every reader waiting for more bytes or the end."""
+        changed, self._changed = self._changed, Event()
+        changed.set()
+
+    def wait_started(self, timeout: float) -> None:
+        """Wait until the size is known or the download ended; raise its error."""
+        if not self.started.wait(timeout):
+            raise UpstreamTimeout(self.repo.upstream, "no blob data in time")
+        if self.error is not None:
+            raise self.error
+
+    def read(self, start: int, end: int, timeout: float) -> Iterator[bytes]:
+        """Yield bytes [start, end) (end -1: to the end) as they arrive."""
+        fd = self._open()
+        try:
+            position = start
+            while end < 0 or position < end:
+                changed = self._changed
+                available = self.written if end < 0 else min(self.written, end)
+                if available > position:
+                    for chunk in _pread_range(fd, position, available):
+                        position += len(chunk)
+                        yield chunk
+                    continue
+                if self.error is not None:
+                    raise StreamAborted(self.error.message)
+                if self.is_done:
+                    break
+                if not changed.wait(timeout):
+                    raise StreamAborted("blob download stalled")
+        finally:
+            os.close(fd)
+
+    def _open(self) -> int:
+        for path in (self.temp_path, self.store.blob_path(self.hex)):
+            if path:
+                try:
+                    return os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    continue
+        raise self.error or BlobUnknown(f"blob sha256:{self.hex} vanished")
+
+
+def _pread_range(fd: int, start: int, end: int) -> Iterator[bytes]:
+    position = start
+    while position < end:
+        chunk = os.pread(fd, min(CHUNK, end - position), position)
+        if not chunk:
+            return
+        position += len(chunk)
+        yield chunk
+
+
+class Downloads:
+    """Start blob downloads, at most one per blob in this process."""
+
+    def __init__(
+        self, store: Store, client: UpstreamClient, pull_timeout: float, size: int = 64
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.pull_timeout = pull_timeout
+        self.active: dict[str, Download] = {}
+        self.pool = Pool(size)
+        self.upstream_pulls = 0
+
+    def get(self, hex_digest: str, repo: Repository) -> Download:
+        """Return the running download of a blob, or start one."""
+        download = self.active.get(hex_digest)
+        if download is None:
+            download = Download(hex_digest, repo, self.store)
+            self.active[hex_digest] = download
+            gevent.spawn(self._run, download)
+        return download
+
+    def prefetch(self, hex_digest: str, repo: Repository) -> None:
+        """Fetch a blob in the background if it is not cached yet."""
+        if hex_digest in self.active or self.store.has_blob(hex_digest):
+            return
+        self.pool.spawn(self.get, hex_digest, repo)
+
+    def _run(self, download: Download) -> None:
+        lock = self.store.lock(f"blob:{download.hex}")
+        try:
+            if self._claim(lock, download):
+                self._fetch(download)
+        except RegistryError as error:
+            download.error = error
+            log.error("blob download failed: %r: %s", download.hex[:12], error.message)
+        except Exception as error:  # crash barrier: a reader must never hang
+            download.error = UpstreamError(download.repo.upstream, str(error))
+            log.exception("blob download crashed: %r", download.hex[:12])
+        finally:
+            lock.release()
+            download.is_done = True
+            download.started.set()
+            download.notify()
+            self.active.pop(download.hex, None)
+
+    def _claim(self, lock: FileLock, download: Download) -> bool:
+        """Take the blob's lock; return False when another process cached it."""
+        deadline = time.monotonic() + self.pull_timeout
+        last_seen = (-1, -1)
+        while not lock.try_acquire():
+            if self._finish_if_cached(download):
+                return False
+            seen = self._progress_elsewhere(download.hex)
+            if seen != last_seen:
+                last_seen, deadline = seen, time.monotonic() + self.pull_timeout
+            if time.monotonic() > deadline:
+                raise UpstreamTimeout(
+                    download.repo.upstream, "another process's download stalled"
+                )
+            gevent.sleep(CLAIM_POLL)
+        return not self._finish_if_cached(download)
+
+    def _finish_if_cached(self, download: Download) -> bool:
+        opened = self.store.open_blob(download.hex)
+        if opened is None:
+            return False
+        fd, size = opened
+        os.close(fd)
+        download.size = download.written = size
+        download.is_cached = True
+        return True
+
+    def _progress_elsewhere(self, hex_digest: str) -> tuple[int, int]:
+        """Sum the temp files of other processes' downloads of this blob."""
+        temp = os.path.join(self.store.root, ".tmp")
+        sizes = [
+            entry.stat().st_size
+            for entry in os.scandir(temp)
+            if entry.name.startswith(hex_digest)
+        ]
+        return len(sizes), sum(sizes)
+
+    def _fetch(self, download: Download) -> None:
+        self.upstream_pulls += 1
+        upstream = self.client.upstream(download.repo.upstream)
+        log.info(
+            'pulling blob from upstream: "%s@sha256:%s"',
+            download.repo.url,
+            download.hex,
+        )
+        with upstream.slot():
+            response = self.client.open_blob(download.repo, f"sha256:{download.hex}")
+            try:
+                length = response.headers.get("Content-Length", "")
+                download.size = int(length) if length.isdigit() else -1
+                writer = self.store.new_blob_writer(download.hex)
+                download.temp_path = writer.temp_path
+                download.started.set()
+                try:
+                    self._copy(response, writer, download)
+                    writer.commit(download.size)
+                except BaseException:
+                    writer.abort()
+                    raise
+            finally:
+                response.release_conn()
+        download.is_cached = True
+        log.debug("cached blob: %r (%d bytes)", download.hex[:12], download.written)
+
+    def _copy(
+        self,
+        response: urllib3.BaseHTTPResponse,
+        writer: BlobWriter,
+        download: Download,
+    ) -> None:
+        upstream = download.repo.upstream
+        try:
+            for chunk in response.stream(CHUNK):
+                writer.write(chunk)
+                download.written = writer.written
+                download.notify()
+        except ReadTimeoutError:
+            raise UpstreamTimeout(upstream, "blob download timed out") from None
+        except (ProtocolError, HTTPError, OSError) as error:
+            raise UpstreamError(upstream, f"blob download broke off: {error}") from None

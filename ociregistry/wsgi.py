@@ -1,0 +1,89 @@
+"""WSGI middleware: the access log, common headers, and a crash barrier."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from ociregistry.downloads import StreamAborted
+
+log = logging.getLogger("ociregistry.access")
+errors_log = logging.getLogger(__name__)
+
+API_VERSION = ("Docker-Distribution-Api-Version", "registry/2.0")
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def format_latency(seconds: float) -> str:
+    """Format a duration the way the Go server's access log does (663.938µs)."""
+    for unit, scale, digits in (("s", 1.0, 9), ("ms", 1e-3, 6), ("µs", 1e-6, 3)):
+        if seconds >= scale:
+            text = f"{seconds / scale:.{digits}f}".rstrip("0").rstrip(".")
+            return text + unit
+    return f"{round(seconds * 1e9)}ns"
+
+
+class AccessLog:
+    """Log one line per request and add the headers every response carries."""
+
+    def __init__(self, app: WsgiApp) -> None:
+        self.app = app
+
+    def __call__(
+        self, environ: dict[str, Any], start_response: Callable[..., Any]
+    ) -> Iterable[bytes]:
+        started = time.perf_counter()
+        status = ["-"]
+
+        def start(status_line: str, headers: list[Any], exc_info: Any = None) -> Any:
+            status[0] = status_line.split(" ", 1)[0]
+            headers.append(API_VERSION)
+            return start_response(status_line, headers, exc_info)
+
+        body = self.app(environ, start)
+        return _LoggedBody(body, lambda: self._log(environ, status[0], started))
+
+    @staticmethod
+    def _log(environ: dict[str, Any], status: str, started: float) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
+        path = environ.get("PATH_INFO", "")
+        query = environ.get("QUERY_STRING", "")
+        log.info(
+            "%s:%s%s status=%s latency=%s host=%s ip=%s",
+            environ.get("REQUEST_METHOD", ""),
+            path,
+            f"?{query}" if query else "",
+            status,
+            format_latency(time.perf_counter() - started),
+            environ.get("HTTP_HOST", "-"),
+            environ.get("REMOTE_ADDR", "-"),
+        )
+
+
+class _LoggedBody:
+    """Pass a response body through, logging once it is done or abandoned."""
+
+    def __init__(self, body: Iterable[bytes], on_close: Callable[[], None]) -> None:
+        self.body = body
+        self.on_close = on_close
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self.body
+        except StreamAborted as error:
+            errors_log.error("response cut short: %s", error.strerror)
+            raise
+        except Exception:
+            errors_log.exception("response body failed")
+            raise StreamAborted("internal error") from None
+
+    def close(self) -> None:
+        try:
+            close = getattr(self.body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self.on_close()
