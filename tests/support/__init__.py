@@ -1,0 +1,1 @@
+"""Test support: test images, a real and a fake upstream, server processes."""
