@@ -21,8 +21,10 @@ from ociregistry.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from ociregistry.freshness import TagFreshness
 from ociregistry.manifest import Manifest, media_type_of, pick_platform, sha256_digest
 from ociregistry.metrics import Metrics
+from ociregistry.negative import NegativeCache
 from ociregistry.reference import Repository, check_digest, is_digest
 from ociregistry.store import FileLock, Store
 from ociregistry.upstream import UpstreamClient
@@ -57,7 +59,9 @@ class PullThroughCache:
         self.metrics = metrics
         self.downloads = Downloads(store, client, settings.pull_timeout)
         self._flights: dict[str, AsyncResult] = {}
-        self._validated: dict[str, float] = {}
+        self.freshness = TagFreshness(settings, client)
+        self.negative = NegativeCache(settings.negative_ttl)
+        self._validated = self.freshness.validated
 
     # -- manifests -----------------------------------------------------------
 
@@ -66,7 +70,7 @@ class PullThroughCache:
         url = repo.image_url(reference)
         cached = self.store.find_manifest(url)
         if cached is not None and (
-            self.settings.air_gapped or self._is_fresh(url, reference)
+            self.settings.air_gapped or self._is_fresh(repo, reference, cached)
         ):
             log.info('serving manifest from cache: "%s"', url)
             self.store.touch_manifest(cached, url)
@@ -74,10 +78,14 @@ class PullThroughCache:
             return cached
         if self.settings.air_gapped:
             raise ManifestUnknown(f"{url} is not cached and the server is air-gapped")
+        self.negative.check(url)
         try:
             return self._single_flight(
                 url, lambda: self._pull_manifest(repo, reference, cached)
             )
+        except ManifestUnknown:
+            self.negative.remember(url, reference)
+            raise
         except UpstreamError as error:
             if cached is None:
                 raise
@@ -86,13 +94,13 @@ class PullThroughCache:
             )
             return cached
 
-    def _is_fresh(self, url: str, reference: str) -> bool:
+    def _is_fresh(self, repo: Repository, reference: str, cached: Manifest) -> bool:
         """Tell whether a cached tag may be served without asking the upstream."""
         if is_digest(reference):
             return True
         if reference == "latest" and self.settings.always_pull_latest:
             return False
-        return True
+        return self.freshness.is_fresh(repo, reference, cached)
 
     def _pull_manifest(
         self, repo: Repository, reference: str, cached: Manifest | None
@@ -126,6 +134,7 @@ class PullThroughCache:
             raise UpstreamError(repo.upstream, error.message) from None
         if cached is not None and cached.digest == digest:
             self.store.touch_manifest(cached, url)
+            self._validated[url] = time.monotonic()
             return cached
         manifest = Manifest(digest, media_type, data, [url])
         record = self.store.put_manifest(manifest, url)
