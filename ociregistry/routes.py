@@ -15,6 +15,7 @@ import bottle
 from ociregistry.cache import CachedBlob, PullThroughCache
 from ociregistry.downloads import CHUNK, Download
 from ociregistry.errors import (
+    NameInvalid,
     NameUnknown,
     RangeInvalid,
     RegistryError,
@@ -50,6 +51,8 @@ def parse_api_path(path: str) -> ApiPath:
     if path == "_catalog":
         return ApiPath("catalog")
     segments = path.split("/")
+    if "." in segments or ".." in segments:
+        return ApiPath("dot-segments")
     if "uploads" in segments[-3:] and "blobs" in segments[-4:]:
         return ApiPath("uploads")
     if len(segments) >= 3 and segments[-2:] == ["tags", "list"]:
@@ -155,6 +158,8 @@ class RegistryApi:
             return self.get_blob(target)
         if target.kind == "uploads":
             raise Unsupported("this registry is pull-only")
+        if target.kind == "dot-segments":
+            raise NameInvalid("path segments . and .. are not allowed")
         if target.kind in self.extra:
             return self.extra[target.kind](target)
         raise NameUnknown(f"unknown API path: /v2/{path[:200]}")

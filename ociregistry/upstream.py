@@ -18,6 +18,7 @@ from gevent.lock import BoundedSemaphore
 from urllib3.exceptions import (
     ConnectTimeoutError,
     HTTPError,
+    NewConnectionError,
     ReadTimeoutError,
     SSLError,
 )
@@ -129,6 +130,9 @@ class Upstream:
                 redirect=False,
                 retries=False,
             )
+        except NewConnectionError as error:
+            # Checked first: urllib3 makes it a subclass of ConnectTimeoutError.
+            raise UpstreamError(self.name, f"unreachable: {_reason(error)}") from None
         except (ConnectTimeoutError, ReadTimeoutError) as error:
             raise UpstreamTimeout(self.name, f"timed out: {_reason(error)}") from None
         except SSLError as error:
