@@ -12,6 +12,7 @@ from ociregistry.cache import PullThroughCache
 from ociregistry.config import Settings
 from ociregistry.errors import RegistryError
 from ociregistry.metrics import Metrics
+from ociregistry.readapi import ReadApi
 from ociregistry.reference import UpstreamPolicy, normalize_upstream
 from ociregistry.routes import JSON, RegistryApi, oci_errors_plugin
 from ociregistry.store import Store
@@ -43,6 +44,7 @@ class Registry:
             allowed=tuple(settings.allowed_upstreams),
         )
         self.api = RegistryApi(self.cache, self.policy, self.metrics)
+        ReadApi(self.api, self.cache).install()
         self.app = build_app(self.api, self.metrics)
         self.wsgi = AccessLog(self.app)
         self.is_ready = False
