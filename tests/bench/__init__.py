@@ -1,0 +1,1 @@
+"""The benchmark against docker-registry in proxy mode (`make bench`)."""
