@@ -25,6 +25,7 @@ from urllib3.exceptions import HTTPError, ProtocolError, ReadTimeoutError
 
 from ociregistry.errors import (
     BlobUnknown,
+    DigestInvalid,
     RegistryError,
     UpstreamError,
     UpstreamTimeout,
@@ -79,26 +80,36 @@ class Download:
             raise self.error
 
     def read(self, start: int, end: int, timeout: float) -> Iterator[bytes]:
-        """Yield bytes [start, end) (end -1: to the end) as they arrive."""
+        """Yield bytes [start, end) (end -1: to the end) as they arrive.
+
+        The blob's last byte is held back until its digest has been checked,
+        so a client never receives a complete body of wrong bytes.
+        """
         fd = self._open()
         try:
             position = start
             while end < 0 or position < end:
                 changed = self._changed
-                available = self.written if end < 0 else min(self.written, end)
+                if self.error is not None:
+                    raise StreamAborted(self.error.message)
+                available = self._sendable() if end < 0 else min(self._sendable(), end)
                 if available > position:
                     for chunk in _pread_range(fd, position, available):
                         position += len(chunk)
                         yield chunk
                     continue
-                if self.error is not None:
-                    raise StreamAborted(self.error.message)
                 if self.is_done:
                     break
                 if not changed.wait(timeout):
                     raise StreamAborted("blob download stalled")
         finally:
             os.close(fd)
+
+    def _sendable(self) -> int:
+        """Return how many bytes may go to clients now."""
+        if self.is_done:
+            return self.written
+        return max(self.written - 1, 0)
 
     def _open(self) -> int:
         for path in (self.temp_path, self.store.blob_path(self.hex)):
@@ -222,6 +233,9 @@ class Downloads:
                 try:
                     self._copy(response, writer, download)
                     writer.commit(download.size)
+                except DigestInvalid as error:
+                    writer.abort()
+                    raise UpstreamError(download.repo.upstream, error.message) from None
                 except BaseException:
                     writer.abort()
                     raise
@@ -238,7 +252,9 @@ class Downloads:
     ) -> None:
         upstream = download.repo.upstream
         try:
-            for chunk in response.stream(CHUNK):
+            # read1 hands over whatever has arrived (up to CHUNK), so a slow
+            # upstream's bytes reach clients as they come.
+            while chunk := response.read1(CHUNK):
                 writer.write(chunk)
                 download.written = writer.written
                 download.notify()

@@ -13,13 +13,14 @@ from typing import Any
 import bottle
 
 from ociregistry.cache import CachedBlob, PullThroughCache
-from ociregistry.downloads import CHUNK, Download
+from ociregistry.downloads import CHUNK, Download, StreamAborted
 from ociregistry.errors import (
     NameInvalid,
     NameUnknown,
     RangeInvalid,
     RegistryError,
     Unsupported,
+    UpstreamTimeout,
 )
 from ociregistry.manifest import Manifest
 from ociregistry.metrics import Metrics
@@ -224,7 +225,7 @@ def blob_response(
         if is_head:
             os.close(blob.fd)
     else:
-        body = b"" if is_head else blob.read(start, end, timeout)
+        body = b"" if is_head else download_body(blob, start, end, timeout)
     response = bottle.HTTPResponse(body, status)
     response.set_header("Content-Type", "application/octet-stream")
     response.set_header("Docker-Content-Digest", f"sha256:{hex_digest}")
@@ -235,6 +236,29 @@ def blob_response(
         response.set_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
     _copy_namespace_header(response)
     return response
+
+
+def download_body(
+    download: Download, start: int, end: int, timeout: float
+) -> Iterator[bytes]:
+    """Yield a download's bytes; fail with an OCI error if none were sent yet.
+
+    Bottle pulls the first chunk before it sends the status line, and turns
+    an HTTPResponse raised then into the response: so a download that fails
+    before its first byte still gets a proper 502 or 504.
+    """
+    chunks = download.read(start, end, timeout)
+    try:
+        first = next(chunks)
+    except StopIteration:
+        return
+    except StreamAborted as aborted:
+        error = download.error or UpstreamTimeout(
+            download.repo.upstream, aborted.strerror
+        )
+        raise error_response(error) from None
+    yield first
+    yield from chunks
 
 
 def _copy_namespace_header(response: bottle.HTTPResponse) -> None:
