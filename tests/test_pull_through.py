@@ -6,7 +6,9 @@ import hashlib
 import http.client
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -281,3 +283,35 @@ def assert_layout_verified(layout: Path) -> None:
     assert blobs
     for blob in blobs:
         assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
+
+
+def test_podman_pulls_through_the_in_path_form(registry_upstream, oci_server, tmp_path):
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed")
+    server = oci_server()
+    index: ImageIndex = registry_upstream.content["docker/list:2.0"]
+    image = index.image_for("linux", "amd64")
+    reference = (
+        f"{server.host}:{server.port}/{registry_upstream.namespace}/docker/list:2.0"
+    )
+    # podman refuses a runroot path longer than 50 characters.
+    with tempfile.TemporaryDirectory(prefix="podman-") as runroot:
+        podman = ["podman", "--root", str(tmp_path / "root"), "--runroot", runroot]
+        pulled = subprocess.run(
+            [
+                *podman,
+                "--storage-driver",
+                "vfs",
+                "pull",
+                "--tls-verify=false",
+                "--arch",
+                "amd64",
+                reference,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    assert pulled.returncode == 0, pulled.stderr
+    assert pulled.stdout.strip().splitlines()[-1] == image.config.digest[7:]
