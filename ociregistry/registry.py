@@ -8,12 +8,17 @@ from collections.abc import Callable
 
 import bottle
 
+from ociregistry.admin import AdminApi
 from ociregistry.cache import PullThroughCache
 from ociregistry.config import Settings
 from ociregistry.errors import RegistryError
+from ociregistry.helloworld import hello_world_settings, remove_cache_root
+from ociregistry.loader import preload_images
 from ociregistry.metrics import Metrics
+from ociregistry.pruner import BackgroundPruner, serving_pruner
 from ociregistry.readapi import ReadApi
 from ociregistry.reference import UpstreamPolicy, normalize_upstream
+from ociregistry.rootlock import RootLock
 from ociregistry.routes import JSON, RegistryApi, oci_errors_plugin
 from ociregistry.store import Store
 from ociregistry.upstream import UpstreamClient
@@ -31,6 +36,9 @@ class Registry:
         request_stop: Callable[[], None],
         metrics: Metrics | None = None,
     ) -> None:
+        self.hello_world_root = ""
+        if settings.hello_world:
+            settings, self.hello_world_root = hello_world_settings(settings)
         self.settings = settings
         self.request_stop = request_stop
         self.metrics = metrics or Metrics()
@@ -46,11 +54,16 @@ class Registry:
         self.api = RegistryApi(self.cache, self.policy, self.metrics)
         ReadApi(self.api, self.cache).install()
         self.app = build_app(self.api, self.metrics)
+        self.pruner = serving_pruner(self.store, self.cache.downloads)
+        AdminApi(self.pruner, request_stop).install(self.app)
+        self.background_pruner = BackgroundPruner(self.pruner, settings.prune)
+        self.root_lock = RootLock(self.store.root)
         self.wsgi = AccessLog(self.app)
         self.is_ready = False
 
     def start(self) -> None:
         """Clean up after dead processes and index the cache."""
+        self.root_lock.hold_shared()
         started = time.monotonic()
         removed = self.store.clean_temp()
         count = self.store.load_index()
@@ -60,13 +73,20 @@ class Registry:
             time.monotonic() - started,
             removed,
         )
+        if self.settings.preload_images:
+            preload_images(self.settings, self.store, self.cache)
+        self.background_pruner.start()
         self.is_ready = True
 
     def close(self) -> None:
         """Stop background tasks and release upstream connections."""
         self.is_ready = False
+        self.background_pruner.stop()
         self.cache.downloads.pool.kill(block=False)
         self.client.close()
+        self.root_lock.release()
+        if self.hello_world_root:
+            remove_cache_root(self.hello_world_root)
 
 
 def build_app(api: RegistryApi, metrics: Metrics) -> bottle.Bottle:

@@ -1,0 +1,84 @@
+"""Background pruning on the `pruneConfig` schedule, and the serving pruner."""
+
+from __future__ import annotations
+
+import logging
+
+import gevent
+from gevent.event import Event
+
+from ociregistry.config import PruneSettings
+from ociregistry.downloads import Downloads
+from ociregistry.prune import BlobsInUse, Pruner, PruneResult, age_selection
+from ociregistry.store import Store
+
+log = logging.getLogger(__name__)
+
+# A blob no manifest references may belong to a pull or load that has not
+# written its manifest yet; a serving prune leaves such blobs this long.
+ORPHAN_AGE = 600.0  # seconds
+
+
+def serving_pruner(store: Store, downloads: Downloads) -> Pruner:
+    """Return the pruner of a serving process, which spares blobs in use.
+
+    It makes `downloads` remember which blobs its clients are reading.
+    """
+    in_use = BlobsInUse()
+    in_use.update(downloads.active)
+    downloads.active = in_use
+    return Pruner(store, in_use.is_in_use, ORPHAN_AGE)
+
+
+class BackgroundPruner:
+    """Prune on a schedule in a greenlet of its own, until stopped."""
+
+    def __init__(self, pruner: Pruner, settings: PruneSettings) -> None:
+        self.pruner = pruner
+        self.settings = settings
+        self.runs = 0
+        self._stopped = Event()
+        self._greenlet: gevent.Greenlet | None = None
+
+    def start(self) -> None:
+        """Start the schedule when pruneConfig enables it."""
+        if not self.settings.enabled or self._greenlet is not None:
+            return
+        log.info(
+            "background pruning every %.0fs: type=%s duration=%.0fs count=%d "
+            "dry_run=%s",
+            self.settings.frequency,
+            self.settings.type,
+            self.settings.duration,
+            self.settings.count,
+            self.settings.dry_run,
+        )
+        self._greenlet = gevent.spawn(self._run)
+
+    def stop(self) -> None:
+        """Stop the schedule; a prune under way finishes first."""
+        self._stopped.set()
+        if self._greenlet is not None:
+            self._greenlet.join(timeout=10.0)
+            self._greenlet.kill(block=False)
+            self._greenlet = None
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.settings.frequency):
+            try:
+                self.prune_once()
+            except Exception:  # the schedule must survive one bad run
+                log.exception("background prune failed")
+
+    def prune_once(self) -> PruneResult:
+        """Prune what the settings say is due now, and log what went."""
+        selection = age_selection(
+            self.settings.type, self.settings.duration, self.settings.count
+        )
+        result = self.pruner.prune(selection, self.settings.dry_run)
+        self.runs += 1
+        level = logging.INFO if result.is_dry_run else logging.DEBUG
+        for line in result.lines()[:-1]:
+            log.log(level, "background prune: %s", line)
+        log.info("background prune: %s", result.summary())
+        return result
