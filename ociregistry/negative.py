@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import time
+from time import monotonic
 
 from ociregistry.errors import ManifestUnknown
 from ociregistry.reference import is_digest
@@ -25,14 +25,14 @@ class NegativeCache:
     def __init__(self, ttl: float, max_entries: int = MAX_ENTRIES) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
-        self._expiry: dict[str, float] = {}  # image URL -> time.monotonic()
+        self._expiry: dict[str, float] = {}  # image URL -> monotonic()
 
     def check(self, image_url: str) -> None:
         """Raise ManifestUnknown when the upstream lately had no such tag."""
         expiry = self._expiry.get(image_url)
         if expiry is None:
             return
-        remaining = expiry - time.monotonic()
+        remaining = expiry - monotonic()
         if remaining <= 0:
             self._expiry.pop(image_url, None)
             return
@@ -47,7 +47,7 @@ class NegativeCache:
             return
         if image_url not in self._expiry and len(self._expiry) >= self.max_entries:
             self._make_room()
-        self._expiry[image_url] = time.monotonic() + self.ttl
+        self._expiry[image_url] = monotonic() + self.ttl
         log.info('remembering missing tag for %gs: "%s"', self.ttl, image_url)
 
     def forget(self, image_url: str) -> None:
@@ -58,7 +58,7 @@ class NegativeCache:
         return len(self._expiry)
 
     def _make_room(self) -> None:
-        now = time.monotonic()
+        now = monotonic()
         for url in [url for url, expiry in self._expiry.items() if expiry <= now]:
             del self._expiry[url]
         excess = len(self._expiry) - self.max_entries + 1
