@@ -16,13 +16,51 @@ from ociregistry.config import Settings
 from ociregistry.errors import ConfigError, ManifestInvalid
 from ociregistry.logs import setup_logging
 from ociregistry.manifest import Manifest
-from ociregistry.prune import MEGABYTE, split_image_url
-from ociregistry.store import IMAGES, LATEST
+from ociregistry.store import BLOBS, IMAGES, LATEST
 
 log = logging.getLogger(__name__)
 
 HEADER = "IMAGE TAG_OR_DIGEST TYPE CREATED PULLED SIZE_MB"
 SHORT_DIGEST = 12
+MEGABYTE = 1_000_000
+
+
+class ReadOnlyCache:
+    """A cache root as it is on disk, read without creating or changing a file."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+
+    def manifests(self) -> list[Manifest]:
+        """Return every manifest record."""
+        return read_manifests(self.root)
+
+    def blob_names(self) -> list[str]:
+        """Return the hex digest of every cached blob."""
+        try:
+            return os.listdir(os.path.join(self.root, BLOBS))
+        except FileNotFoundError:
+            return []
+
+    def blob_path(self, hex_digest: str) -> str:
+        """Return the path a blob is cached at."""
+        return os.path.join(self.root, BLOBS, hex_digest)
+
+    def remove_manifest(self, manifest: Manifest) -> None:
+        """Refuse: this view never changes the cache root."""
+        raise PermissionError(f"read-only cache root: {self.root}")
+
+
+def split_image_url(image_url: str) -> tuple[str, str]:
+    """Split `host/repo:tag` or `host/repo@sha256:…` into image and reference."""
+    if "@" in image_url:
+        image, _, reference = image_url.partition("@")
+        return image, reference
+    slash = image_url.rfind("/")
+    colon = image_url.rfind(":")
+    if colon > slash:
+        return image_url[:colon], image_url[colon + 1 :]
+    return image_url, ""
 
 
 def read_manifests(root: str) -> list[Manifest]:

@@ -25,10 +25,12 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ociregistry.config import Settings
 from ociregistry.downloads import Download
 from ociregistry.errors import ConfigError, RegistryError
+from ociregistry.listing import MEGABYTE, ReadOnlyCache, split_image_url
 from ociregistry.logs import setup_logging
 from ociregistry.manifest import TIME_FORMAT, Manifest
 from ociregistry.reference import check_digest
@@ -38,7 +40,22 @@ from ociregistry.store import Store, with_suppressed_unlink
 log = logging.getLogger(__name__)
 
 NO_LIMIT = -1
-MEGABYTE = 1_000_000
+
+
+class CacheRecords(Protocol):
+    """What a prune needs of a cache root: a Store, or a read-only view."""
+
+    def manifests(self) -> list[Manifest]:
+        """Return every manifest record."""
+
+    def blob_names(self) -> Iterable[str]:
+        """Return the hex digest of every cached blob."""
+
+    def blob_path(self, hex_digest: str) -> str:
+        """Return the path a blob is cached at."""
+
+    def remove_manifest(self, manifest: Manifest) -> None:
+        """Delete a manifest record."""
 
 
 @dataclass(frozen=True)
@@ -105,18 +122,6 @@ def age_selection(kind: str, seconds: float, count: int = NO_LIMIT) -> Selection
     raise ValueError(f'unknown prune type "{kind}"')
 
 
-def split_image_url(image_url: str) -> tuple[str, str]:
-    """Split `host/repo:tag` or `host/repo@sha256:…` into image and reference."""
-    if "@" in image_url:
-        image, _, reference = image_url.partition("@")
-        return image, reference
-    slash = image_url.rfind("/")
-    colon = image_url.rfind(":")
-    if colon > slash:
-        return image_url[:colon], image_url[colon + 1 :]
-    return image_url, ""
-
-
 def blob_digests(manifest: Manifest) -> set[str]:
     """Return the hex digests of the blobs an image manifest references."""
     if manifest.is_index:
@@ -157,6 +162,7 @@ def select_manifests(records: list[Manifest], selection: Selection) -> list[Mani
 def expand_indexes(picked: list[Manifest], records: list[Manifest]) -> list[Manifest]:
     """Add the cached image manifests, in the same repository, of each index."""
     chosen = list(picked)
+    keys = {record_key(record) for record in picked}
     by_hex: dict[str, list[Manifest]] = {}
     for record in records:
         by_hex.setdefault(record.hex, []).append(record)
@@ -164,8 +170,9 @@ def expand_indexes(picked: list[Manifest], records: list[Manifest]) -> list[Mani
         images = {split_image_url(url)[0] for url in index.image_urls}
         for child in _children(index):
             for record in by_hex.get(child, []):
-                if _is_in(record, images) and not _contains(chosen, record):
+                if _is_in(record, images) and record_key(record) not in keys:
                     chosen.append(record)
+                    keys.add(record_key(record))
     return chosen
 
 
@@ -180,8 +187,9 @@ def _is_in(record: Manifest, images: set[str]) -> bool:
     return any(split_image_url(url)[0] in images for url in record.image_urls)
 
 
-def _contains(records: list[Manifest], record: Manifest) -> bool:
-    return any(item is record for item in records)
+def record_key(record: Manifest) -> tuple[str, tuple[str, ...]]:
+    """Identify a record across reads of the cache root: digest and URLs."""
+    return record.digest, tuple(record.image_urls)
 
 
 @dataclass
@@ -236,7 +244,7 @@ class Pruner:
 
     def __init__(
         self,
-        store: Store,
+        store: CacheRecords,
         is_in_use: Callable[[str], bool] = lambda hex_digest: False,
         orphan_age: float = 0.0,
     ) -> None:
@@ -255,13 +263,15 @@ class Pruner:
     def remove(self, manifests: list[Manifest], dry_run: bool = False) -> PruneResult:
         """Remove these manifest records, then the blobs no other one uses."""
         result = PruneResult(manifests=list(manifests), is_dry_run=dry_run)
-        candidates = self._blob_candidates(manifests)
-        if not dry_run:
+        records = self.store.manifests()
+        candidates = self._blob_candidates(manifests, records)
+        if dry_run:
+            chosen = {record_key(manifest) for manifest in manifests}
+            remaining = [r for r in records if record_key(r) not in chosen]
+        else:
             for manifest in manifests:
                 self.store.remove_manifest(manifest)
-        remaining = self.store.manifests()
-        if dry_run:
-            remaining = [r for r in remaining if not _contains(manifests, r)]
+            remaining = self.store.manifests()
         referenced = referenced_blobs(remaining)
         for hex_digest in sorted(candidates):
             if hex_digest in referenced:
@@ -274,10 +284,12 @@ class Pruner:
                 with_suppressed_unlink(self.store.blob_path(hex_digest))
         return result
 
-    def _blob_candidates(self, manifests: list[Manifest]) -> dict[str, int]:
+    def _blob_candidates(
+        self, manifests: list[Manifest], records: list[Manifest]
+    ) -> dict[str, int]:
         """Return the cached blobs a removal may free, with their sizes."""
         freed = referenced_blobs(manifests)
-        everything = referenced_blobs(self.store.manifests())
+        everything = referenced_blobs(records)
         cutoff = time.time() - self.orphan_age
         candidates = {}
         for hex_digest in self.store.blob_names():
@@ -332,8 +344,13 @@ def run_prune(
     if not os.path.isdir(root):
         raise ConfigError(f"cache root {root} does not exist")
 
-    with exclusive_root(root):
-        result = Pruner(Store(root)).prune(selection, dry_run)
+    # A dry run only reads: it takes no lock, creates nothing, and may run
+    # beside a server.
+    if dry_run:
+        result = Pruner(ReadOnlyCache(root)).prune(selection, dry_run=True)
+    else:
+        with exclusive_root(root):
+            result = Pruner(Store(root)).prune(selection)
     sys.stdout.write("".join(line + "\n" for line in result.lines()))
     log.info("prune: %s", result.summary())
     return 0

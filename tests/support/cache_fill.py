@@ -73,7 +73,7 @@ def admin_content() -> dict[str, Image | ImageIndex]:
         "app/two:1": image_with_layers("app-two", [base, make_layer("two", 2500)]),
         "multi/arch:1.0": make_index("admin-multi"),
         "other/img:latest": make_image("admin-other", layer_sizes=(700,)),
-        "big/layer:1": make_image("admin-big", layer_sizes=(3 << 20,)),
+        "big/layer:1": make_image("admin-big", layer_sizes=(8 << 20,)),
     }
 
 
