@@ -16,6 +16,7 @@ from ociregistry.helloworld import hello_world_settings, remove_cache_root
 from ociregistry.loader import preload_images
 from ociregistry.metrics import Metrics
 from ociregistry.pruner import BackgroundPruner, serving_pruner
+from ociregistry.quota import Quota
 from ociregistry.readapi import ReadApi
 from ociregistry.reference import UpstreamPolicy, normalize_upstream
 from ociregistry.rootlock import RootLock
@@ -57,6 +58,9 @@ class Registry:
         self.pruner = serving_pruner(self.store, self.cache.downloads)
         AdminApi(self.pruner, request_stop).install(self.app)
         self.background_pruner = BackgroundPruner(self.pruner, settings.prune)
+        self.quota = Quota(
+            self.pruner, self.store, settings.prune.max_bytes, settings.pull_timeout
+        )
         self.root_lock = RootLock(self.store.root)
         self.wsgi = AccessLog(self.app)
         self.is_ready = False
@@ -76,12 +80,14 @@ class Registry:
         if self.settings.preload_images:
             preload_images(self.settings, self.store, self.cache)
         self.background_pruner.start()
+        self.quota.start()
         self.is_ready = True
 
     def close(self) -> None:
         """Stop background tasks and release upstream connections."""
         self.is_ready = False
         self.background_pruner.stop()
+        self.quota.stop()
         self.cache.downloads.pool.kill(block=False)
         self.client.close()
         self.root_lock.release()
