@@ -187,7 +187,9 @@ class ReadApi:
         except NameUnknown:
             return self._cached_tags_or_unknown(repo)
         except UpstreamError as error:
-            tags = self._cached_tags_or_unknown(repo)
+            tags = self.cached_tags(repo)
+            if not tags:
+                raise
             log.warning('serving cached tags: "%s": %s', repo.url, error.message)
             return tags
 

@@ -189,6 +189,19 @@ def test_tags_list_air_gapped_never_asks_the_upstream(tagged_upstream, oci_serve
     assert tagged_upstream.count_requests("/v2/paged/tags/tags/list") == 0
 
 
+def test_tags_list_with_upstream_down_and_nothing_cached_is_502(
+    tagged_upstream, oci_server
+):
+    server = serve(oci_server, tagged_upstream)
+    tagged_upstream.stop()
+
+    response = get(server, f"/v2/{tagged_upstream.namespace}/paged/tags/tags/list")
+
+    assert response.status == 502
+    message = json.loads(response.data)["errors"][0]["message"]
+    assert message.startswith(f"upstream {tagged_upstream.namespace}: unreachable")
+
+
 def test_tags_list_of_unknown_repository_is_name_unknown(registry_upstream, oci_server):
     server = serve(oci_server, registry_upstream)
 
