@@ -77,8 +77,9 @@ class BackgroundPruner:
         )
         result = self.pruner.prune(selection, self.settings.dry_run)
         self.runs += 1
-        level = logging.INFO if result.is_dry_run else logging.DEBUG
         for line in result.lines()[:-1]:
+            is_detail = line.startswith("blob ") and not result.is_dry_run
+            level = logging.DEBUG if is_detail else logging.INFO
             log.log(level, "background prune: %s", line)
         log.info("background prune: %s", result.summary())
         return result
