@@ -258,6 +258,10 @@ class Downloads:
                 writer.write(chunk)
                 download.written = writer.written
                 download.notify()
+                # A fast upstream never makes the socket block, so without a
+                # yield this loop would keep every client waiting until the
+                # whole blob is on disk.
+                gevent.sleep(0)
         except ReadTimeoutError:
             raise UpstreamTimeout(upstream, "blob download timed out") from None
         except (ProtocolError, HTTPError, OSError) as error:

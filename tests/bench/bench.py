@@ -142,9 +142,22 @@ class Bench:
             sizes.big,
             sizes.multi_layer,
         )
+        self.drop_unused_images()
         self.upstream = start_upstream(self.workdir / "upstream")
         push_image_set(self.upstream.url, self.images)
         say(f"upstream {self.upstream.url} ready in {time.monotonic() - started:.1f}s")
+
+    def drop_unused_images(self) -> None:
+        """Push only what the chosen scenario groups pull."""
+        groups = self.args.groups
+        if not groups & {"cold", "warm", "manifest"}:
+            self.images.small.clear()
+        if "cold" not in groups:
+            self.images.multi_arch.clear()
+        if "herd" not in groups:
+            self.images.herd.clear()
+        if "blob" not in groups:
+            self.images.big = None
 
     def run(self) -> None:
         """Run every repetition: the anchor's round, then ours."""
@@ -198,8 +211,11 @@ class Bench:
     def our_server(self, workdir: Path, image_path: Path) -> OurServer:
         """Describe our server with the run's command, CPUs and workers."""
         assert self.upstream is not None
+        command = shlex.split(self.args.ours_command)
+        if "/" in command[0]:
+            command[0] = os.path.abspath(command[0])
         return OurServer(
-            shlex.split(self.args.ours_command),
+            command,
             workdir,
             image_path,
             self.upstream,
