@@ -283,15 +283,13 @@ class Loader:
                 log.debug('removed manifest of a failed load: "%s"', url)
 
     def _fetch_blobs(self, repo: Repository, manifest: Manifest, task: Task) -> int:
+        sizes = {check_digest(blob.digest): blob.size for blob in manifest.blobs()}
         missing = [
-            blob
-            for blob in manifest.blobs()
-            if not self.store.has_blob(check_digest(blob.digest))
+            hex_digest for hex_digest in sizes if not self.store.has_blob(hex_digest)
         ]
-        task.total = sum(max(blob.size, 0) for blob in missing)
+        task.total = sum(max(sizes[hex_digest], 0) for hex_digest in missing)
         downloads = [
-            self.cache.downloads.get(check_digest(blob.digest), repo)
-            for blob in missing
+            self.cache.downloads.get(hex_digest, repo) for hex_digest in missing
         ]
         self._wait(downloads, task, repo)
         return sum(download.written for download in downloads)

@@ -70,6 +70,8 @@ class ArchiveInvalid(RegistryError):
 
 def is_tarball(path: str) -> bool:
     """Tell whether a file is a tar archive, gzip-compressed or not."""
+    # TODO(loader): recognise zstd-compressed tarballs too — docker save,
+    # skopeo and ctr write plain tars, so gzip covers what users compress.
     with open(path, "rb") as file:
         head = file.read(TAR_MAGIC_OFFSET + len(TAR_MAGIC))
     is_tar = head[TAR_MAGIC_OFFSET:] == TAR_MAGIC

@@ -26,6 +26,7 @@ from ociregistry.loader import (
     with_host_platform,
 )
 from ociregistry.manifest import DOCKER_IMAGE
+from ociregistry.progress import Progress, Summary, format_size
 from ociregistry.reference import Repository
 from ociregistry.store import Store
 
@@ -194,6 +195,39 @@ def test_empty_platform_means_this_hosts_and_explicit_one_stays():
 
     assert (chosen.os, chosen.arch) == ("linux", "arm/v7")
     assert host.os and host.arch and "x86_64" not in host.arch
+
+
+@pytest.mark.parametrize(
+    ("count", "text"),
+    [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (5 * 2**30, "5.0 GiB")],
+)
+def test_sizes_are_shown_in_binary_units(count, text):
+    assert format_size(count) == text
+
+
+def test_progress_reports_each_image_and_sums_them_up():
+    stream = io.StringIO()
+    progress = Progress(stream)
+
+    progress.loaded("a.example/x:1", 2048, 0.5)
+    progress.cached("a.example/y:1")
+    progress.close()
+
+    assert stream.getvalue() == (
+        "loaded a.example/x:1 (2.0 KiB in 0.5s)\nalready cached a.example/y:1\n"
+    )
+    assert progress.summary.describe().startswith(
+        "loaded 1 image (2.0 KiB written) in "
+    )
+    assert progress.summary.describe().endswith("; 1 already cached, 0 failed")
+
+
+def test_summary_says_when_there_was_nothing_to_load():
+    summary = Summary(cached=2)
+
+    assert summary.describe().startswith(
+        "nothing to load: 2 images already cached, nothing fetched or written"
+    )
 
 
 # -- tarballs made by skopeo -----------------------------------------------------
