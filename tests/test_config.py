@@ -358,3 +358,15 @@ def test_wildcard_registry_turns_verification_on(tmp_path: Path) -> None:
     entry = settings.registry("ghcr.io")
     assert entry.name == "ghcr.io"
     assert entry.tls is None or not entry.tls.insecure_skip_verify
+
+
+def test_readme_example_config_is_valid(tmp_path: Path) -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Configuration", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = write_config(tmp_path, example)
+
+    settings = load_settings(path, {})
+
+    assert [entry.name for entry in settings.registries][:2] == ["*", "quay.io"]
+    assert settings.prune.max_bytes == 20 * 2**30
