@@ -149,14 +149,12 @@ def referenced_blobs(manifests: Iterable[Manifest]) -> dict[str, int]:
 
 
 def select_manifests(records: list[Manifest], selection: Selection) -> list[Manifest]:
-    """Return the records a selection picks, with the images of each index."""
+    """Return the records a selection picks, in the order it picks them."""
     picked = sorted(
         (record for record in records if selection.matches(record)),
         key=selection.sort_key,
     )
-    if selection.count >= 0:
-        picked = picked[: selection.count]
-    return expand_indexes(picked, records)
+    return picked if selection.count < 0 else picked[: selection.count]
 
 
 def expand_indexes(picked: list[Manifest], records: list[Manifest]) -> list[Manifest]:
@@ -239,7 +237,9 @@ class Pruner:
 
     A prune does not yield to other greenlets between its last look at the
     manifest records and its last unlink, so a pull in this process cannot
-    reference a blob in between.
+    reference a blob in between. Another process on the same cache root may:
+    a manifest it writes at that moment can lose a blob it shares with a
+    pruned one, which the engine fetches again when a client asks for it.
     """
 
     def __init__(
@@ -261,9 +261,10 @@ class Pruner:
         return result
 
     def remove(self, manifests: list[Manifest], dry_run: bool = False) -> PruneResult:
-        """Remove these manifest records, then the blobs no other one uses."""
-        result = PruneResult(manifests=list(manifests), is_dry_run=dry_run)
+        """Remove records (an index with its cached images), then unused blobs."""
         records = self.store.manifests()
+        manifests = expand_indexes(manifests, records)
+        result = PruneResult(manifests=manifests, is_dry_run=dry_run)
         candidates = self._blob_candidates(manifests, records)
         if dry_run:
             chosen = {record_key(manifest) for manifest in manifests}
