@@ -16,6 +16,7 @@ from typing import Any
 import bottle
 import gevent
 
+from ociregistry.access import AdminAccess
 from ociregistry.config import parse_duration
 from ociregistry.errors import BadRequest, RegistryError
 from ociregistry.listing import manifest_rows
@@ -66,10 +67,16 @@ def plain_errors(handler: Handler) -> Handler:
 class AdminApi:
     """The /cmd endpoints over one cache root's pruner."""
 
-    def __init__(self, pruner: Pruner, request_stop: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        pruner: Pruner,
+        request_stop: Callable[[], None],
+        access: AdminAccess | None = None,
+    ) -> None:
         self.pruner = pruner
         self.store = pruner.store
         self.request_stop = request_stop
+        self.access = access
 
     def install(self, app: bottle.Bottle) -> None:
         """Add the /cmd routes to an app."""
@@ -93,8 +100,8 @@ class AdminApi:
 
     def authorize(self, request: bottle.BaseRequest) -> None:
         """Raise Denied or Unauthorized when the caller may not use /cmd."""
-        # TODO(admin): enforce adminApi.allowedNetworks and adminApi.token here
-        # — both are parsed and checked; until then every caller is admitted.
+        if self.access is not None:
+            self.access.check(request.environ)
 
     def prune(self) -> bottle.HTTPResponse:
         """DELETE /cmd/prune?type=&dur=&expr=&count=&dryRun=: prune now."""

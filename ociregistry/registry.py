@@ -8,13 +8,14 @@ from collections.abc import Callable
 
 import bottle
 
+from ociregistry.access import AdminAccess
 from ociregistry.admin import AdminApi
 from ociregistry.cache import PullThroughCache
 from ociregistry.config import Settings
 from ociregistry.errors import RegistryError
 from ociregistry.helloworld import hello_world_settings, remove_cache_root
 from ociregistry.loader import preload_images
-from ociregistry.metrics import Metrics
+from ociregistry.metrics import Metrics, PrometheusMetrics
 from ociregistry.pruner import BackgroundPruner, serving_pruner
 from ociregistry.quota import Quota
 from ociregistry.readapi import ReadApi
@@ -42,7 +43,9 @@ class Registry:
             settings, self.hello_world_root = hello_world_settings(settings)
         self.settings = settings
         self.request_stop = request_stop
-        self.metrics = metrics or Metrics()
+        if metrics is None:
+            metrics = PrometheusMetrics() if settings.metrics else Metrics()
+        self.metrics = metrics
         self.store = Store(settings.image_path)
         self.client = UpstreamClient(settings)
         self.cache = PullThroughCache(settings, self.store, self.client, self.metrics)
@@ -56,13 +59,15 @@ class Registry:
         ReadApi(self.api, self.cache).install()
         self.app = build_app(self.api, self.metrics)
         self.pruner = serving_pruner(self.store, self.cache.downloads)
-        AdminApi(self.pruner, request_stop).install(self.app)
+        access = AdminAccess(settings.admin_api)
+        AdminApi(self.pruner, request_stop, access).install(self.app)
         self.background_pruner = BackgroundPruner(self.pruner, settings.prune)
         self.quota = Quota(
             self.pruner, self.store, settings.prune.max_bytes, settings.pull_timeout
         )
         self.root_lock = RootLock(self.store.root)
-        self.wsgi = AccessLog(self.app)
+        self.metrics.watch(self.store, lambda: len(self.cache.downloads.active))
+        self.wsgi = AccessLog(self.metrics.wrap(self.app))
         self.is_ready = False
 
     def start(self) -> None:

@@ -18,14 +18,20 @@ import gevent.pool
 from gevent import pywsgi
 
 import ociregistry
+from ociregistry.access import AdminAccess
 from ociregistry.config import ServerTlsSettings, Settings
 from ociregistry.errors import ConfigError
+from ociregistry.health import HealthApp, SideServer
 from ociregistry.logs import setup_logging
+from ociregistry.metrics import PrometheusMetrics
 from ociregistry.registry import Registry
+from ociregistry.tls import accept_tls, ssl_args
 
 log = logging.getLogger(__name__)
 
-STOP_TIMEOUT = 10.0  # seconds in-flight requests get to finish on stop
+# Seconds in-flight requests get to finish on stop: within the 30 s that
+# Kubernetes and most supervisors wait before they kill.
+STOP_TIMEOUT = 25.0
 BACKLOG = 1024
 BANNER_RULE = "-" * 70
 
@@ -52,6 +58,7 @@ class ServerLifecycle:
         self.registry_factory = registry_factory
         self._stop_requested = gevent.event.Event()
         self._stop_reason = ""
+        self._is_serving = False
 
     def request_stop(self, reason: str = "stop requested") -> None:
         """Ask for a graceful stop; safe from any greenlet or signal handler."""
@@ -61,43 +68,98 @@ class ServerLifecycle:
 
     def run(self) -> int:
         """Start everything, wait for a stop request, stop everything."""
-        # Bind first: a port in use must fail before the banner or any work.
+        # Bind first: a port in use or an unusable certificate must fail
+        # before the banner or any work.
+        server_ssl = ssl_args(self.settings.server_tls)
         listener = self.bind()
+        side_listeners = self.bind_side_ports(listener)
+        side_servers: list[SideServer] = []
         try:
             print_banner(self.settings, sys.stderr)
             with os_errors_reported():
                 registry = self.registry_factory(self.settings, self.request_stop)
             try:
+                # Health answers 503 from here until the registry serves.
+                side_servers = self.start_side_servers(side_listeners, registry)
                 with os_errors_reported():
                     registry.start()
-                self.serve_until_stopped(listener, registry)
+                self.serve_until_stopped(listener, registry, server_ssl)
             finally:
                 registry.close()
+                for side_server in side_servers:
+                    side_server.stop()
         finally:
-            listener.close()
+            for bound in [listener, *side_listeners.values()]:
+                bound.close()
         log.info("server stopped")
         return 0
 
-    def serve_until_stopped(self, listener: socket.socket, registry: Registry) -> None:
+    def serve_until_stopped(
+        self,
+        listener: socket.socket,
+        registry: Registry,
+        server_ssl: dict[str, Any] | None = None,
+    ) -> None:
         """Serve on the listener until a stop request, then drain requests."""
-        server = make_wsgi_server(listener, registry.wsgi)
+        server = make_wsgi_server(listener, registry.wsgi, server_ssl)
         server.start()
         self.install_signal_handlers()
+        self._is_serving = True
         log.info("server is running")
 
         self._stop_requested.wait()
+        self._is_serving = False
         log.info("stopping: %s", self._stop_reason)
         server.stop(timeout=STOP_TIMEOUT)
 
-    def bind(self) -> socket.socket:
-        """Return the listening socket; raise ConfigError when it is taken."""
-        host, port = self.settings.host, self.settings.port
+    def is_ready(self) -> bool:
+        """Tell whether the registry serves: indexed, accepting, not stopping."""
+        return self._is_serving and not self._stop_requested.is_set()
+
+    def bind(self, port: int = 0, purpose: str = "") -> socket.socket:
+        """Return a listening socket; raise ConfigError when it is taken."""
+        host, port = self.settings.host, port or self.settings.port
         try:
             return make_listener(host, port)
         except OSError as error:
             reason = _os_reason(error)
-            message = f"cannot listen on {host}:{port}: {reason.lower()}"
+            where = f" for {purpose}" if purpose else ""
+            message = f"cannot listen on {host}:{port}{where}: {reason.lower()}"
             raise ConfigError(message) from None
+
+    def bind_side_ports(self, listener: socket.socket) -> dict[str, socket.socket]:
+        """Bind the --health and --metrics ports that are switched on.
+
+        On failure, close what is bound, the registry's `listener` included.
+        """
+        ports = {"health": self.settings.health, "metrics": self.settings.metrics}
+        listeners: dict[str, socket.socket] = {}
+        try:
+            for name, port in ports.items():
+                if port:
+                    listeners[name] = self.bind(port, f"--{name}")
+        except ConfigError:
+            for bound in [listener, *listeners.values()]:
+                bound.close()
+            raise
+        return listeners
+
+    def start_side_servers(
+        self, listeners: dict[str, socket.socket], registry: Registry
+    ) -> list[SideServer]:
+        """Serve /health and /metrics on their own ports."""
+        servers = []
+        if "health" in listeners:
+            health = HealthApp(self.is_ready)
+            servers.append(SideServer("health", listeners["health"], health))
+        metrics = getattr(registry, "metrics", None)
+        if "metrics" in listeners and isinstance(metrics, PrometheusMetrics):
+            servers.append(
+                SideServer("metrics", listeners["metrics"], metrics.wsgi_app())
+            )
+        for server in servers:
+            server.start()
+        return servers
 
     def install_signal_handlers(self) -> None:
         """Stop gracefully on SIGINT and SIGTERM."""
@@ -133,13 +195,21 @@ def make_listener(host: str, port: int) -> socket.socket:
     return socket.create_server((host, port), family=family, backlog=BACKLOG)
 
 
-def make_wsgi_server(listener: socket.socket, app: Any) -> GracefulWSGIServer:
-    """Make the WSGI server for an app; the registry logs requests itself."""
-    # TODO(server): pass ssl_args from serverTlsConfig here to serve https.
+def make_wsgi_server(
+    listener: socket.socket, app: Any, server_ssl: dict[str, Any] | None = None
+) -> GracefulWSGIServer:
+    """Make the WSGI server for an app (https with `server_ssl` from tls.py)."""
     error_log = logging.getLogger(f"{__name__}.wsgi")
     # A pool, even unbounded, is what lets stop() wait for requests in flight.
     pool = gevent.pool.Pool()
-    return GracefulWSGIServer(listener, app, spawn=pool, log=None, error_log=error_log)
+    return GracefulWSGIServer(
+        listener,
+        app,
+        spawn=pool,
+        log=None,
+        error_log=error_log,
+        **(server_ssl or {}),
+    )
 
 
 class GracefulHandler(pywsgi.WSGIHandler):  # type: ignore[misc]
@@ -180,6 +250,14 @@ class GracefulWSGIServer(pywsgi.WSGIServer):  # type: ignore[misc]
         self.is_stopping = False
         self.idle_handlers: set[GracefulHandler] = set()
 
+    def wrap_socket_and_handle(self, client: socket.socket, address: Any) -> Any:
+        """Serve a TLS client once its handshake succeeds; drop it otherwise."""
+        tls_socket = accept_tls(self.wrap_socket, self.ssl_args, client, address)
+        if tls_socket is None:
+            return None
+        with contextlib.closing(tls_socket):
+            return self.handle(tls_socket, address)
+
     def stop(self, timeout: float | None = None) -> None:
         """Stop accepting, close idle connections, wait for the rest."""
         self.is_stopping = True
@@ -191,14 +269,8 @@ class GracefulWSGIServer(pywsgi.WSGIServer):  # type: ignore[misc]
 
 def refuse_unavailable(settings: Settings) -> None:
     """Refuse settings this version cannot honour; warn about ignored ones."""
-    # TODO(server): serve https, /health, /metrics and worker processes —
-    # each is parsed and checked already; until served, https is refused
-    # (plain http would betray the operator) and the others are ignored.
-    if settings.server_tls is not None:
-        raise ConfigError("serverTlsConfig: serving https is not available yet")
-    for name, value in (("--health", settings.health), ("--metrics", settings.metrics)):
-        if value:
-            log.warning("%s is not available yet: port %d is not served", name, value)
+    # TODO(server): worker processes — `workers` is parsed and checked;
+    # until they exist, one process serves every request.
     if settings.workers > 1:
         log.warning("workers is not available yet: serving with one process")
 
@@ -206,6 +278,8 @@ def refuse_unavailable(settings: Settings) -> None:
 def print_banner(settings: Settings, stream: IO[str]) -> None:
     """Write the start-up banner that tells an operator what is running."""
     stream.write(format_banner(settings, datetime.datetime.now().astimezone()))
+    # Below the box, which keeps the original's shape.
+    stream.write(f"Admin API: {AdminAccess(settings.admin_api).describe()}\n")
     stream.flush()
 
 

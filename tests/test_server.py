@@ -262,7 +262,7 @@ def test_unusable_image_path_is_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
-def test_server_tls_is_refused_until_served(tmp_path: Path) -> None:
+def test_server_tls_with_missing_files_is_one_line(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text("serverTlsConfig: {cert: c.pem, key: k.pem}\n")
 
@@ -273,7 +273,8 @@ def test_server_tls_is_refused_until_served(tmp_path: Path) -> None:
 
     assert done.returncode == 1
     assert done.stderr == (
-        "ociregistry: serverTlsConfig: serving https is not available yet\n"
+        "ociregistry: serverTlsConfig: cannot use cert c.pem with key k.pem: "
+        "no such file or directory\n"
     )
 
 
