@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import ipaddress
 import os
+import platform
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -14,6 +15,15 @@ from typing import Any
 import yaml
 
 from ociregistry.errors import ConfigError
+
+MACHINES = {
+    "x86_64": "amd64",
+    "aarch64": "arm64",
+    "armv7l": "arm/v7",
+    "armv6l": "arm/v6",
+    "i386": "386",
+    "i686": "386",
+}
 
 
 @dataclass
@@ -604,3 +614,17 @@ def _flag_of(key: str) -> str:
         if flag_key == key:
             return flag
     return key
+
+
+def host_platform() -> tuple[str, str]:
+    """Return this host's OS and architecture as image indexes name them."""
+    machine = platform.machine().lower()
+    return platform.system().lower() or "linux", MACHINES.get(machine, machine)
+
+
+def with_host_platform(settings: Settings) -> Settings:
+    """Return settings whose empty --os/--arch are this host's."""
+    os_name, arch = host_platform()
+    return dataclasses.replace(
+        settings, os=settings.os or os_name, arch=settings.arch or arch
+    )

@@ -32,7 +32,7 @@ from ociregistry.errors import (
 )
 from ociregistry.reference import Repository
 from ociregistry.store import BlobWriter, FileLock, Store
-from ociregistry.upstream import UpstreamClient
+from ociregistry.upstream import UpstreamClient, finish
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ class Downloads:
                     writer.abort()
                     raise
             finally:
-                response.release_conn()
+                finish(response)
         download.is_cached = True
         log.debug("cached blob: %r (%d bytes)", download.hex[:12], download.written)
 

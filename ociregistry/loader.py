@@ -10,11 +10,9 @@ image leaves no manifest behind.
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import logging
 import os
-import platform
 import sys
 import time
 
@@ -22,7 +20,7 @@ import gevent
 from gevent.pool import Pool
 
 from ociregistry.cache import PullThroughCache
-from ociregistry.config import Settings
+from ociregistry.config import Settings, with_host_platform
 from ociregistry.downloads import Download
 from ociregistry.errors import (
     ConfigError,
@@ -61,14 +59,6 @@ log = logging.getLogger(__name__)
 IMAGES_AT_ONCE = 4
 DOWNLOAD_POLL = 0.1  # seconds between looks at running blob downloads
 GLOB_MARKS = "*?["
-MACHINES = {
-    "x86_64": "amd64",
-    "aarch64": "arm64",
-    "armv7l": "arm/v7",
-    "armv6l": "arm/v6",
-    "i386": "386",
-    "i686": "386",
-}
 
 Target = tuple[Repository, str]  # a repository and a tag or digest in it
 
@@ -113,20 +103,6 @@ def is_live(settings: Settings) -> bool:
     """Tell whether to draw live progress: a terminal not shared with logs."""
     is_quiet = settings.log_file or LEVELS[settings.log_level] > logging.INFO
     return bool(is_quiet) and sys.stderr.isatty()
-
-
-def host_platform() -> tuple[str, str]:
-    """Return this host's OS and architecture as image indexes name them."""
-    machine = platform.machine().lower()
-    return platform.system().lower() or "linux", MACHINES.get(machine, machine)
-
-
-def with_host_platform(settings: Settings) -> Settings:
-    """Return settings whose empty --os/--arch are this host's."""
-    os_name, arch = host_platform()
-    return dataclasses.replace(
-        settings, os=settings.os or os_name, arch=settings.arch or arch
-    )
 
 
 def expand_spec(spec: str) -> list[str]:

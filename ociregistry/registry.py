@@ -11,7 +11,7 @@ import bottle
 from ociregistry.access import AdminAccess
 from ociregistry.admin import AdminApi
 from ociregistry.cache import PullThroughCache
-from ociregistry.config import Settings
+from ociregistry.config import Settings, with_host_platform
 from ociregistry.errors import RegistryError
 from ociregistry.helloworld import hello_world_settings, remove_cache_root
 from ociregistry.loader import preload_images
@@ -41,6 +41,7 @@ class Registry:
         self.hello_world_root = ""
         if settings.hello_world:
             settings, self.hello_world_root = hello_world_settings(settings)
+        settings = with_host_platform(settings)
         self.settings = settings
         self.request_stop = request_stop
         if metrics is None:

@@ -254,7 +254,7 @@ def download_body(
         return
     except StreamAborted as aborted:
         error = download.error or UpstreamTimeout(
-            download.repo.upstream, aborted.strerror
+            download.repo.upstream, str(aborted.strerror)
         )
         raise error_response(error) from None
     yield first

@@ -101,7 +101,6 @@ class Upstream:
             return response
         challenge = Challenge.parse(response.headers.get("WWW-Authenticate", ""))
         response.drain_conn()
-        response.release_conn()
         self._answer(challenge, scope)
         return self._send(method, path, headers, scope, stream)
 
@@ -215,7 +214,7 @@ class UpstreamClient:
                 _raise_for_status(response, upstream, repo, reference, ManifestUnknown)
                 data = response.read(MAX_MANIFEST_BYTES + 1)
             finally:
-                response.release_conn()
+                finish(response)
             if len(data) > MAX_MANIFEST_BYTES:
                 raise UpstreamError(upstream.name, "manifest is larger than 4 MiB")
             return data, response.headers.get("Content-Type", "")
@@ -246,7 +245,7 @@ class UpstreamClient:
             if response.status not in (301, 302, 303, 307, 308):
                 break
             location = response.headers.get("Location", "")
-            response.release_conn()
+            response.drain_conn()
             url = urljoin(url, location)
             response = self._follow(upstream, url, _scope(repo))
         _raise_for_status(response, upstream, repo, digest, BlobUnknown)
@@ -265,6 +264,17 @@ class UpstreamClient:
         """Release every pooled connection."""
         for upstream in self._upstreams.values():
             upstream.pool.clear()
+
+
+def finish(response: urllib3.BaseHTTPResponse) -> None:
+    """Give a response's connection back to its pool, closed if body is left.
+
+    A connection whose body was not read to the end cannot carry another
+    request; returned as it is, the next request on it would fail.
+    """
+    if not response.closed:
+        response.close()
+    response.release_conn()
 
 
 def _scope(repo: Repository) -> str:
@@ -291,7 +301,7 @@ def _raise_for_status(
     status = response.status
     if 200 <= status < 300:
         return
-    response.release_conn()
+    response.drain_conn()
     if status == 404:
         raise unknown(f"{repo.image_url(reference)} not found upstream")
     if status in (401, 403):

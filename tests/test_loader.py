@@ -402,11 +402,6 @@ def test_failed_image_in_a_list_is_named_and_the_others_load(
     assert store.find_manifest("127.0.0.1:9/gone/away:1") is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="upstream.py releases a 404 response to the pool without draining "
-    "it, so the next request on that connection fails (ResponseNotReady)",
-)
 def test_missing_tag_in_a_list_does_not_break_the_next_pull(
     registry_upstream, root, tmp_path
 ):
