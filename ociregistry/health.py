@@ -56,7 +56,7 @@ class SideServer:
         """Start serving in the background."""
         self.server.start()
         host, port = self.server.address[:2]
-        log.info("serving %s on %s:%d", self.name, host, port)
+        log.info('serving %s on: "%s:%d"', self.name, host, port)
 
     def stop(self) -> None:
         """Stop serving; answers in progress get a second to finish."""

@@ -75,7 +75,7 @@ def accept_tls(
     except (ssl.SSLError, OSError) as error:
         reason = _reason(error)
     peer = address[0] if isinstance(address, tuple) else address
-    log.info("tls handshake failed: %s: %s", peer, reason)
+    log.info('tls handshake failed: "%s": %s', peer, reason)
     return None
 
 
