@@ -332,7 +332,7 @@ class Store:
         try:
             fd = os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             try:
-                os.write(fd, record.to_record())
+                write_all(fd, record.to_record())
                 fsync_file(fd)
             finally:
                 os.close(fd)
@@ -410,6 +410,13 @@ def _is_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte: on a nearly full disk os.write takes only a part."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def with_suppressed_unlink(path: str) -> None:
