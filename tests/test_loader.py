@@ -17,14 +17,9 @@ import yaml
 from support.images import ImageIndex, make_image, make_index
 from support.processes import REPO_ROOT
 
-from ociregistry.config import Settings
+from ociregistry.config import Settings, with_host_platform
 from ociregistry.errors import ConfigError, RegistryError
-from ociregistry.loader import (
-    expand_spec,
-    parse_image_reference,
-    read_image_list,
-    with_host_platform,
-)
+from ociregistry.loader import expand_spec, parse_image_reference, read_image_list
 from ociregistry.manifest import DOCKER_IMAGE
 from ociregistry.progress import Progress, Summary, format_size
 from ociregistry.reference import Repository
