@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 STOP_TIMEOUT = 25.0
 BACKLOG = 1024
 BANNER_RULE = "-" * 70
+MAX_OPEN_FILES = 1 << 20  # the kernel's usual nr_open, for an unlimited hard limit
 
 RegistryFactory = Callable[[Settings, Callable[[], None]], Registry]
 
@@ -45,6 +47,7 @@ def serve(settings: Settings, registry_factory: RegistryFactory = Registry) -> i
     """
     setup_logging(settings.log_level, settings.log_file)
     refuse_unavailable(settings)
+    raise_open_files_limit()
     return ServerLifecycle(settings, registry_factory).run()
 
 
@@ -166,6 +169,25 @@ class ServerLifecycle:
         for signum in (signal.SIGINT, signal.SIGTERM):
             reason = f"received {signal.Signals(signum).name}"
             gevent.signal_handler(signum, self.request_stop, reason)
+
+
+def raise_open_files_limit() -> None:
+    """Lift the soft limit of open files to the hard limit.
+
+    Every client connection holds a file, idle keep-alive ones too; with the
+    soft limit of 1024 that shells, systemd and containers leave, a few
+    hundred idle clients would stop the server from accepting anyone.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError) as error:
+        log.warning("cannot raise the open files limit from %d: %s", soft, error)
+        return
+    log.debug("raised the open files limit: from %d to %d", soft, wanted)
 
 
 def _os_reason(error: OSError) -> str:
