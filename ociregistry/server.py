@@ -21,7 +21,7 @@ from gevent import pywsgi
 import ociregistry
 from ociregistry.access import AdminAccess
 from ociregistry.config import ServerTlsSettings, Settings
-from ociregistry.errors import ConfigError
+from ociregistry.errors import BadRequest, ConfigError
 from ociregistry.health import HealthApp, SideServer
 from ociregistry.logs import setup_logging
 from ociregistry.metrics import PrometheusMetrics
@@ -234,6 +234,13 @@ def make_wsgi_server(
     )
 
 
+_MALFORMED_BODY = BadRequest("malformed HTTP request").body()
+MALFORMED_RESPONSE = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n" + (
+    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+    % (len(_MALFORMED_BODY), _MALFORMED_BODY)
+)
+
+
 class GracefulHandler(pywsgi.WSGIHandler):  # type: ignore[misc]
     """A request handler that lets a stopping server close idle connections."""
 
@@ -249,6 +256,16 @@ class GracefulHandler(pywsgi.WSGIHandler):  # type: ignore[misc]
             return line
         finally:
             self.server.idle_handlers.discard(self)
+
+    def _handle_client_error(self, ex: Exception) -> tuple[str, bytes]:
+        """Refuse a malformed request: a 400, one log line, no traceback."""
+        # gevent prints a traceback for client errors that are not
+        # ValueErrors, such as http.client's "got more than 100 headers".
+        reason = (str(ex) or type(ex).__name__)[:200]
+        address = self.client_address
+        client = address[0] if isinstance(address, tuple) else address
+        log.info('malformed request refused: "%s": %s', client, reason)
+        return "400", MALFORMED_RESPONSE
 
     def close_if_idle(self) -> None:
         """Wake a handler waiting for a request that will never be served."""
