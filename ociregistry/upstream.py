@@ -135,7 +135,8 @@ class Upstream:
         except (ConnectTimeoutError, ReadTimeoutError) as error:
             raise UpstreamTimeout(self.name, f"timed out: {_reason(error)}") from None
         except SSLError as error:
-            raise UpstreamError(self.name, f"TLS failure: {_reason(error)}") from None
+            reason = _tls_reason(error)
+            raise UpstreamError(self.name, f"TLS failure: {reason}") from None
         except HTTPError as error:
             if "timed out" in str(error):
                 raise UpstreamTimeout(
@@ -289,6 +290,18 @@ def _basic(login: Login) -> str:
 def _reason(error: Exception) -> str:
     reason = getattr(error, "reason", None) or error
     return str(reason).split(": ", 1)[-1][:200]
+
+
+def _tls_reason(error: SSLError) -> str:
+    """Return what the ssl module says went wrong, without its decorations."""
+    cause = error.args[0] if error.args else error
+    verify_message = getattr(cause, "verify_message", None)
+    if verify_message:
+        return f"certificate verify failed: {verify_message}"
+    reason = getattr(cause, "reason", None)
+    if reason:
+        return str(reason).lower().replace("_", " ")
+    return _reason(error)
 
 
 def _raise_for_status(
