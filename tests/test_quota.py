@@ -242,12 +242,13 @@ def test_quota_evicts_the_oldest_image_and_nothing_in_use(
         "registries": [upstream.registry_config()],
         "pruneConfig": {"maxBytes": int(2.5 * size)},
     }
-    server = oci_server("--pull-timeout", "2000", config=config)
+    in_use_for = 4  # seconds: the pull timeout, generous for a loaded machine
+    server = oci_server("--pull-timeout", str(in_use_for * 1000), config=config)
     ns = upstream.namespace
     pull(server, ns, "q/old", made["old"])
     next_second()
     pull(server, ns, "q/mid", made["mid"])
-    in_use_over = datetime.datetime.now() + datetime.timedelta(seconds=3)
+    in_use_over = datetime.datetime.now() + datetime.timedelta(seconds=in_use_for + 1)
     wait_until(lambda: datetime.datetime.now() > in_use_over, 10, "in-use window")
 
     pull(server, ns, "q/new", made["new"])
