@@ -268,9 +268,11 @@ class ReadApi:
         upstream = self.client.upstream(repo.upstream)
         path = f"/v2/{repo.name}/referrers/{digest}"
         log.info('fetching referrers from upstream: "%s"', repo.image_url(digest))
-        status, document, _ = fetch_json(upstream, path, repo, accept=OCI_INDEX)
+        status, document, link = fetch_json(upstream, path, repo, accept=OCI_INDEX)
         if status == 200 and isinstance(document.get("manifests"), list):
-            return descriptors(document["manifests"])
+            return descriptors(document["manifests"]) + self._more_referrers(
+                upstream, link, repo
+            )
         if status not in NO_REFERRERS_API:
             raise UpstreamError(upstream.name, f"answered {status} for {path}")
 
@@ -283,6 +285,21 @@ class ReadApi:
             return []
         except ManifestInvalid as error:
             raise UpstreamError(upstream.name, f"tag {tag}: {error.message}") from None
+
+    def _more_referrers(
+        self, upstream: Upstream, link: str, repo: Repository
+    ) -> list[dict[str, Any]]:
+        """Follow the pages of an upstream referrers answer, a bounded number."""
+        entries: list[dict[str, Any]] = []
+        for _ in range(MAX_PAGES):
+            if not link:
+                return entries
+            status, document, link = fetch_json(upstream, link, repo, OCI_INDEX)
+            if status != 200:
+                raise UpstreamError(upstream.name, f"answered {status} for a page")
+            entries.extend(descriptors(document.get("manifests")))
+        log.warning('referrers cut at %d pages: "%s"', MAX_PAGES, repo.url)
+        return entries
 
     def cached_referrers(self, repo: Repository, digest: str) -> list[dict[str, Any]]:
         """Return descriptors of the cached manifests in `repo` that refer to it."""

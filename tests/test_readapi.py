@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 from support.images import OCI_INDEX, Image, make_artifact, make_image
 from support.push import Pusher
 
+from ociregistry import readapi
 from ociregistry.readapi import page_of, parse_paging, repository_of
+from ociregistry.reference import Repository
 
 TAGS = ["v1", "v2", "v3", "v4", "v5"]
 SBOM = "application/vnd.example.sbom.v1+json"
@@ -421,3 +424,28 @@ def test_referrers_api_of_the_upstream_is_used_when_it_has_one(
     tag = app.digest.replace(":", "-")
     assert fake.count(fake.manifest_path("apps/app", tag)) == 0
     assert fake.count(fake.manifest_path("apps/app", sbom.digest)) == 1
+
+
+def test_paged_upstream_referrers_are_followed(monkeypatch):
+    pages = {
+        "/v2/apps/app/referrers/" + "sha256:" + "e" * 64: ("/page2", ["a"]),
+        "/page2": ("/page3", ["b"]),
+        "/page3": ("", ["c"]),
+    }
+
+    def fetch_json(upstream, path, repo, accept=""):
+        link, digests = pages[path]
+        entries = [{"digest": digest} for digest in digests]
+        return 200, {"manifests": entries}, link
+
+    monkeypatch.setattr(readapi, "fetch_json", fetch_json)
+    cache = SimpleNamespace(
+        settings=None, store=None, client=SimpleNamespace(upstream=lambda name: name)
+    )
+    read_api = readapi.ReadApi(None, cache)
+
+    entries = read_api.upstream_referrers(
+        Repository("127.0.0.9", "apps/app"), "sha256:" + "e" * 64
+    )
+
+    assert [entry["digest"] for entry in entries] == ["a", "b", "c"]
