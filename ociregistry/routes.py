@@ -15,6 +15,7 @@ import bottle
 from ociregistry.cache import CachedBlob, PullThroughCache
 from ociregistry.downloads import CHUNK, Download, StreamAborted
 from ociregistry.errors import (
+    BadRequest,
     NameInvalid,
     NameUnknown,
     RangeInvalid,
@@ -78,7 +79,7 @@ def oci_errors_plugin(metrics: Metrics) -> Callable[[Handler], Handler]:
     def apply(callback: Handler) -> Handler:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
-                return callback(*args, **kwargs)
+                return call_handler(callback, *args, **kwargs)
             except bottle.HTTPResponse:
                 raise
             except RegistryError as error:
@@ -95,6 +96,15 @@ def oci_errors_plugin(metrics: Metrics) -> Callable[[Handler], Handler]:
         return wrapper
 
     return apply
+
+
+def call_handler(callback: Handler, *args: Any, **kwargs: Any) -> Any:
+    """Call a route handler; input that is not UTF-8 is the client's error."""
+    try:
+        return callback(*args, **kwargs)
+    except UnicodeDecodeError:
+        # Bottle decodes a request header as UTF-8 only when it is read.
+        raise BadRequest("request header is not valid UTF-8") from None
 
 
 def log_failure(error: RegistryError) -> None:
