@@ -213,7 +213,7 @@ class UpstreamClient:
             )
             try:
                 _raise_for_status(response, upstream, repo, reference, ManifestUnknown)
-                data = response.read(MAX_MANIFEST_BYTES + 1)
+                data = _read_manifest(response, upstream)
             finally:
                 finish(response)
             if len(data) > MAX_MANIFEST_BYTES:
@@ -265,6 +265,17 @@ class UpstreamClient:
         """Release every pooled connection."""
         for upstream in self._upstreams.values():
             upstream.pool.clear()
+
+
+def _read_manifest(response: urllib3.BaseHTTPResponse, upstream: Upstream) -> bytes:
+    """Read a manifest body (one byte past the limit); map a broken transfer."""
+    try:
+        return response.read(MAX_MANIFEST_BYTES + 1)
+    except ReadTimeoutError:
+        raise UpstreamTimeout(upstream.name, "manifest download timed out") from None
+    except (HTTPError, OSError) as error:
+        reason = f"manifest download broke off: {error}"[:300]
+        raise UpstreamError(upstream.name, reason) from None
 
 
 def finish(response: urllib3.BaseHTTPResponse) -> None:
