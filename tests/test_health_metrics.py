@@ -131,7 +131,7 @@ def test_metrics_change_as_pulls_happen(registry_upstream, oci_server, cache_roo
     after_upstream = scrape(port)
     assert get("single/oci/manifests/1").status == 200
     assert get(f"single/oci/blobs/{image.layers[1].digest}").status == 200
-    assert get("single/oci/manifests/no-such-tag").status == 404
+    assert get("single/oci/manifests/missing-for-metrics").status == 404
     after = scrape(port)
 
     assert value(before, "manifest_pulls_total") == 0
