@@ -59,7 +59,10 @@ def plain_errors(handler: Handler) -> Handler:
                 bottle.request.path,
                 error.message,
             )
-            return text_response([error.message], error.status)
+            response = text_response([error.message], error.status)
+            if error.status == 401:
+                response.set_header("WWW-Authenticate", 'Bearer realm="ociregistry"')
+            return response
 
     return wrapper
 

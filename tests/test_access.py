@@ -154,6 +154,7 @@ def test_admin_api_refuses_a_request_without_the_token(oci_server):
     admitted = admin_get(server, headers=bearer(ADMIN_TOKEN))
 
     assert [r.status for r in (missing, wrong, basic, prune, stop)] == [401] * 5
+    assert missing.headers["WWW-Authenticate"] == 'Bearer realm="ociregistry"'
     assert server.is_running()
     assert admitted.status == 200
     assert ADMIN_TOKEN not in server.read_log()
