@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import re
 import shutil
 import statistics
@@ -78,6 +79,7 @@ def warm_pulls(
     pids = subject.pids()
     reset_peak_rss(pids)
     cpu_before = cpu_seconds(pids)
+    client_before = client_cpu_seconds()
     deadline = time.perf_counter() + duration
 
     def client() -> None:
@@ -96,6 +98,7 @@ def warm_pulls(
     gevent.joinall([gevent.spawn(client) for _ in range(clients)], raise_error=True)
     elapsed = time.perf_counter() - started
     cpu = cpu_seconds(pids) - cpu_before
+    client_cpu = client_cpu_seconds() - client_before
     latencies.sort()
     return {
         "warm_images_per_s": len(latencies) / elapsed,
@@ -104,7 +107,15 @@ def warm_pulls(
         "warm_p99_ms": 1000 * percentile(latencies, 0.99),
         "warm_cpu_per_1000": 1000 * cpu / max(len(latencies), 1),
         "warm_peak_rss_mb": peak_rss_mb(pids),
+        "warm_server_cpu_use": cpu / elapsed,
+        "warm_client_cpu_use": client_cpu / elapsed,
     }
+
+
+def client_cpu_seconds() -> float:
+    """Return the CPU seconds this process (the load generator) has used."""
+    times = os.times()
+    return times.user + times.system
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
