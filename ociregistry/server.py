@@ -10,6 +10,7 @@ import resource
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 STOP_TIMEOUT = 25.0
 BACKLOG = 1024
 BANNER_RULE = "-" * 70
+ORPHAN_POLL = 1.0  # seconds between a worker's looks for its parent
 MAX_OPEN_FILES = 1 << 20  # the kernel's usual nr_open, for an unlimited hard limit
 
 RegistryFactory = Callable[[Settings, Callable[[], None]], Registry]
@@ -46,7 +48,6 @@ def serve(settings: Settings, registry_factory: RegistryFactory = Registry) -> i
     Raise ConfigError when the server cannot start (say, a port in use).
     """
     setup_logging(settings.log_level, settings.log_file)
-    refuse_unavailable(settings)
     raise_open_files_limit()
     return ServerLifecycle(settings, registry_factory).run()
 
@@ -62,6 +63,7 @@ class ServerLifecycle:
         self._stop_requested = gevent.event.Event()
         self._stop_reason = ""
         self._is_serving = False
+        self.workers: list[int] = []
 
     def request_stop(self, reason: str = "stop requested") -> None:
         """Ask for a graceful stop; safe from any greenlet or signal handler."""
@@ -79,6 +81,7 @@ class ServerLifecycle:
         side_servers: list[SideServer] = []
         try:
             print_banner(self.settings, sys.stderr)
+            self.workers = self.fork_workers(side_listeners)
             with os_errors_reported():
                 registry = self.registry_factory(self.settings, self.request_stop)
             try:
@@ -94,8 +97,36 @@ class ServerLifecycle:
         finally:
             for bound in [listener, *side_listeners.values()]:
                 bound.close()
+            stop_workers(self.workers, STOP_TIMEOUT)
         log.info("server stopped")
         return 0
+
+    def fork_workers(self, side_listeners: dict[str, socket.socket]) -> list[int]:
+        """Fork the other `workers` - 1 processes onto the bound listener.
+
+        Each builds its own registry over the shared cache root. Return the
+        children's pids in the parent and [] in a child, whose copies of the
+        side ports are closed: the parent alone serves /health and /metrics.
+        """
+        children: list[int] = []
+        for _ in range(self.settings.workers - 1):
+            pid = os.fork()  # gevent's fork: the child's hub is reinitialised
+            if pid == 0:
+                for bound in side_listeners.values():
+                    bound.close()
+                side_listeners.clear()
+                gevent.spawn(self._stop_when_orphaned, os.getppid())
+                return []
+            children.append(pid)
+        if children:
+            log.info("started %d worker processes: %s", len(children), children)
+        return children
+
+    def _stop_when_orphaned(self, parent: int) -> None:
+        """Stop a worker whose parent died without stopping it."""
+        while os.getppid() == parent:
+            gevent.sleep(ORPHAN_POLL)
+        self.request_stop("parent process exited")
 
     def serve_until_stopped(
         self,
@@ -113,6 +144,7 @@ class ServerLifecycle:
         self._stop_requested.wait()
         self._is_serving = False
         log.info("stopping: %s", self._stop_reason)
+        signal_workers(self.workers, signal.SIGTERM)
         server.stop(timeout=STOP_TIMEOUT)
 
     def is_ready(self) -> bool:
@@ -208,10 +240,31 @@ def os_errors_reported() -> Iterator[None]:
         raise ConfigError(f"cannot start: {place}{error.strerror}") from None
 
 
+def signal_workers(children: list[int], signum: int) -> None:
+    """Send a signal to worker processes that are still there."""
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def stop_workers(children: list[int], timeout: float) -> None:
+    """Send SIGTERM to worker processes and reap them; SIGKILL after `timeout`."""
+    signal_workers(children, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for pid in children:
+        try:
+            with gevent.Timeout(max(deadline - time.monotonic(), 0.1)):
+                os.waitpid(pid, 0)
+        except gevent.Timeout:
+            log.warning("worker %d did not stop in time: killing it", pid)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+
+
 def make_listener(host: str, port: int) -> socket.socket:
     """Bind and listen on host:port, IPv4 or IPv6 by the form of `host`."""
-    # TODO(server): hand this one socket to pre-forked workers when
-    # `workers` > 1 — one process serves every request until then.
     host = host.strip("[]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     return socket.create_server((host, port), family=family, backlog=BACKLOG)
@@ -312,14 +365,6 @@ class GracefulWSGIServer(pywsgi.WSGIServer):  # type: ignore[misc]
         for handler in list(self.idle_handlers):
             handler.close_if_idle()
         super().stop(timeout=timeout)
-
-
-def refuse_unavailable(settings: Settings) -> None:
-    """Refuse settings this version cannot honour; warn about ignored ones."""
-    # TODO(server): worker processes — `workers` is parsed and checked;
-    # until they exist, one process serves every request.
-    if settings.workers > 1:
-        log.warning("workers is not available yet: serving with one process")
 
 
 def print_banner(settings: Settings, stream: IO[str]) -> None:
