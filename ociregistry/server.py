@@ -310,6 +310,13 @@ class GracefulHandler(pywsgi.WSGIHandler):  # type: ignore[misc]
         finally:
             self.server.idle_handlers.discard(self)
 
+    def handle(self) -> None:
+        """Serve a connection's requests; a client gone before an answer is fine."""
+        # gevent sends the answer to a malformed request unguarded: a client
+        # that reset the connection would print a traceback per request.
+        with contextlib.suppress(ConnectionError):
+            super().handle()
+
     def _handle_client_error(self, ex: Exception) -> tuple[str, bytes]:
         """Refuse a malformed request: a 400, one log line, no traceback."""
         # gevent prints a traceback for client errors that are not
