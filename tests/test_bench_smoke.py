@@ -15,17 +15,22 @@ from support.upstream import registry_binary
 BENCH = REPO_ROOT / "tests" / "bench" / "bench.py"
 
 
-@pytest.mark.slow
-def test_bench_smoke_run_measures_both_servers(tmp_path: Path) -> None:
+def run_bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a smoke benchmark with our server from the source tree."""
     if registry_binary() is None or shutil.which("taskset") is None:
         pytest.skip("the benchmark needs docker-registry and taskset")
-    results = tmp_path / "results.json"
-    command = [sys.executable, str(BENCH), "--smoke", "--json", str(results)]
+    command = [sys.executable, str(BENCH), "--smoke", *args]
     command += ["--ours-command", f"{sys.executable} -m ociregistry"]
-
-    finished = subprocess.run(
+    return subprocess.run(
         command, capture_output=True, text=True, timeout=120, cwd=tmp_path
     )
+
+
+@pytest.mark.slow
+def test_bench_smoke_run_measures_both_servers(tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
+
+    finished = run_bench(tmp_path, "--json", str(results))
 
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "warm image pulls" in finished.stdout
@@ -35,3 +40,28 @@ def test_bench_smoke_run_measures_both_servers(tmp_path: Path) -> None:
     assert rows["warm_images_per_s"]["ours"] > 0
     assert rows["herd_upstream_gets_per_blob"]["ours"] == 1
     assert rows["startup_s"]["ours"] > 0
+
+
+@pytest.mark.slow
+def test_bench_smoke_run_with_two_workers_serves_and_pulls_once(
+    tmp_path: Path,
+) -> None:
+    results = tmp_path / "results.json"
+
+    finished = run_bench(
+        tmp_path,
+        "--workers",
+        "2",
+        "--servers",
+        "ours",
+        "--only",
+        "herd,warm",
+        "--json",
+        str(results),
+    )
+
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    ours = json.loads(results.read_text())["medians"]["ours"]
+    assert ours["warm_server_processes"] == 2
+    assert ours["warm_images_per_s"] > 0
+    assert ours["herd_upstream_gets_per_blob"] == 1

@@ -78,6 +78,7 @@ METRICS = [
         ratio_at_most(0.3),
     ),
     Metric("warm_server_cpu_use", "warm: server CPU use", "cores", "", info),
+    Metric("warm_server_processes", "warm: server processes", "", "", info),
     Metric("warm_client_cpu_use", "warm: load generator CPU use", "cores", "", info),
     Metric(
         "warm_peak_rss_mb", "peak RSS, warm run", "MB", "ours < 100", ours_below(100)

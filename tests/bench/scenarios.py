@@ -108,6 +108,7 @@ def warm_pulls(
         "warm_cpu_per_1000": 1000 * cpu / max(len(latencies), 1),
         "warm_peak_rss_mb": peak_rss_mb(pids),
         "warm_server_cpu_use": cpu / elapsed,
+        "warm_server_processes": len(pids),
         "warm_client_cpu_use": client_cpu / elapsed,
     }
 
