@@ -23,8 +23,16 @@ INDEX = json.dumps(
         "schemaVersion": 2,
         "mediaType": DOCKER_LIST,
         "manifests": [
-            {"digest": "sha256:" + "1" * 64, "size": 10, "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
-            {"digest": "sha256:" + "2" * 64, "size": 10, "platform": {"os": "linux", "architecture": "amd64"}},
+            {
+                "digest": "sha256:" + "1" * 64,
+                "size": 10,
+                "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"},
+            },
+            {
+                "digest": "sha256:" + "2" * 64,
+                "size": 10,
+                "platform": {"os": "linux", "architecture": "amd64"},
+            },
         ],
     }
 ).encode()
@@ -46,7 +54,9 @@ def go_record(data: bytes, url: str, code: int, key: str) -> bytes:
 
 
 def test_record_written_by_the_go_server_is_read():
-    raw = go_record(INDEX, "registry.k8s.io/kube-scheduler:v1.29.1", 0, "v2.docker.manifestList")
+    raw = go_record(
+        INDEX, "registry.k8s.io/kube-scheduler:v1.29.1", 0, "v2.docker.manifestList"
+    )
 
     manifest = Manifest.from_record(raw)
 
@@ -58,7 +68,9 @@ def test_record_written_by_the_go_server_is_read():
 
 
 def test_our_record_carries_every_key_the_go_server_reads():
-    manifest = Manifest(sha256_digest(INDEX), DOCKER_LIST, INDEX, ["r.io/x:1", "r.io/x:2"])
+    manifest = Manifest(
+        sha256_digest(INDEX), DOCKER_LIST, INDEX, ["r.io/x:1", "r.io/x:2"]
+    )
 
     record = json.loads(manifest.to_record())
 
@@ -67,7 +79,10 @@ def test_our_record_carries_every_key_the_go_server_reads():
     assert record["imageUrl"] == "r.io/x:1"
     assert base64.b64decode(record["bytes"]) == INDEX
     assert record["v2.docker.manifestList"]["manifests"][0]["size"] == 10
-    assert Manifest.from_record(manifest.to_record()).image_urls == ["r.io/x:1", "r.io/x:2"]
+    assert Manifest.from_record(manifest.to_record()).image_urls == [
+        "r.io/x:1",
+        "r.io/x:2",
+    ]
 
 
 def test_record_whose_bytes_do_not_match_its_digest_is_refused():
@@ -80,7 +95,9 @@ def test_record_whose_bytes_do_not_match_its_digest_is_refused():
 
 def test_artifact_media_types_are_kept_as_type_four():
     data = b'{"schemaVersion":2,"mediaType":"application/vnd.cncf.helm.chart.v1+json"}'
-    manifest = Manifest(sha256_digest(data), media_type_of(data, ""), data, ["r.io/c:1"])
+    manifest = Manifest(
+        sha256_digest(data), media_type_of(data, ""), data, ["r.io/c:1"]
+    )
 
     record = json.loads(manifest.to_record())
 

@@ -19,7 +19,13 @@ HEX = "a" * 64
 @pytest.mark.parametrize(
     ("path_name", "header", "ns", "default", "expected"),
     [
-        ("kube-scheduler", "", "registry.k8s.io", "", ("registry.k8s.io", "kube-scheduler")),
+        (
+            "kube-scheduler",
+            "",
+            "registry.k8s.io",
+            "",
+            ("registry.k8s.io", "kube-scheduler"),
+        ),
         ("registry.k8s.io/pause", "", "", "", ("registry.k8s.io", "pause")),
         ("localhost/a/b", "", "", "", ("localhost", "a/b")),
         ("127.0.0.2/a/b/c/d/e", "", "", "", ("127.0.0.2", "a/b/c/d/e")),
@@ -69,7 +75,9 @@ def test_malformed_namespaces_are_rejected(ns):
 
 
 def test_allow_list_admits_patterns_and_denies_others():
-    policy = UpstreamPolicy(allowed=("registry.k8s.io", "*.example.com", "10.1.2.3:5000"))
+    policy = UpstreamPolicy(
+        allowed=("registry.k8s.io", "*.example.com", "10.1.2.3:5000")
+    )
 
     assert policy.resolve("pause", "", "registry.k8s.io").upstream == "registry.k8s.io"
     assert policy.resolve("x", "", "a.example.com").upstream == "a.example.com"
@@ -99,4 +107,7 @@ def test_image_urls_name_tags_and_digests():
     repo = Repository("registry.k8s.io", "kube-scheduler")
 
     assert repo.image_url("v1.29.1") == "registry.k8s.io/kube-scheduler:v1.29.1"
-    assert repo.image_url(f"sha256:{HEX}") == f"registry.k8s.io/kube-scheduler@sha256:{HEX}"
+    assert (
+        repo.image_url(f"sha256:{HEX}")
+        == f"registry.k8s.io/kube-scheduler@sha256:{HEX}"
+    )

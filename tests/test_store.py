@@ -16,7 +16,9 @@ from ociregistry.store import Store
 
 DATA = b"layer bytes " * 1000
 HEX = hashlib.sha256(DATA).hexdigest()
-MANIFEST = b'{"schemaVersion":2,"mediaType":"%s","config":{},"layers":[]}' % OCI_IMAGE.encode()
+MANIFEST = (
+    b'{"schemaVersion":2,"mediaType":"%s","config":{},"layers":[]}' % OCI_IMAGE.encode()
+)
 
 
 def make_manifest(data: bytes = MANIFEST) -> Manifest:
@@ -133,9 +135,15 @@ time.sleep(60)
 
 def test_temp_files_of_dead_processes_are_cleaned(tmp_path: Path):
     store = Store(str(tmp_path))
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
-    orphan = Path(store.temp_path(HEX).replace(f".{os.getpid()}.", f".{dead.stdout.strip()}."))
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    orphan = Path(
+        store.temp_path(HEX).replace(f".{os.getpid()}.", f".{dead.stdout.strip()}.")
+    )
     orphan.write_bytes(b"partial")
     mine = Path(store.temp_path(HEX))
     mine.write_bytes(b"in progress")
