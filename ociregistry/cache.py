@@ -57,7 +57,7 @@ class PullThroughCache:
         self.store = store
         self.client = client
         self.metrics = metrics
-        self.downloads = Downloads(store, client, settings.pull_timeout)
+        self.downloads = Downloads(store, client, settings.pull_timeout, metrics)
         self._flights: dict[str, AsyncResult] = {}
         self.freshness = TagFreshness(settings, client)
         self.negative = NegativeCache(settings.negative_ttl)

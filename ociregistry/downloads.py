@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import time
+import weakref
 from collections.abc import Iterator
 
 import gevent
@@ -30,6 +31,7 @@ from ociregistry.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from ociregistry.metrics import Metrics
 from ociregistry.reference import Repository
 from ociregistry.store import BlobWriter, FileLock, Store
 from ociregistry.upstream import UpstreamClient, finish
@@ -65,7 +67,18 @@ class Download:
         self.is_cached = False
         self.error: RegistryError | None = None
         self.started = Event()
+        self.fd = -1
         self._changed = Event()
+
+    def attach(self, fd: int) -> None:
+        """Read from this open file for as long as the download is referenced.
+
+        Readers share the descriptor (pread keeps no position), so they go on
+        reading the same bytes after the file is renamed into place, and even
+        after a prune unlinks it.
+        """
+        self.fd = fd
+        weakref.finalize(self, os.close, fd)
 
     def notify(self) -> None:
         """Wake every reader waiting for more bytes or the end."""
@@ -85,40 +98,29 @@ class Download:
         The blob's last byte is held back until its digest has been checked,
         so a client never receives a complete body of wrong bytes.
         """
-        fd = self._open()
-        try:
-            position = start
-            while end < 0 or position < end:
-                changed = self._changed
-                if self.error is not None:
-                    raise StreamAborted(self.error.message)
-                available = self._sendable() if end < 0 else min(self._sendable(), end)
-                if available > position:
-                    for chunk in _pread_range(fd, position, available):
-                        position += len(chunk)
-                        yield chunk
-                    continue
-                if self.is_done:
-                    break
-                if not changed.wait(timeout):
-                    raise StreamAborted("blob download stalled")
-        finally:
-            os.close(fd)
+        if self.fd < 0:
+            raise self.error or BlobUnknown(f"blob sha256:{self.hex} vanished")
+        position = start
+        while end < 0 or position < end:
+            changed = self._changed
+            if self.error is not None:
+                raise StreamAborted(self.error.message)
+            available = self._sendable() if end < 0 else min(self._sendable(), end)
+            if available > position:
+                for chunk in _pread_range(self.fd, position, available):
+                    position += len(chunk)
+                    yield chunk
+                continue
+            if self.is_done:
+                break
+            if not changed.wait(timeout):
+                raise StreamAborted("blob download stalled")
 
     def _sendable(self) -> int:
         """Return how many bytes may go to clients now."""
         if self.is_done:
             return self.written
         return max(self.written - 1, 0)
-
-    def _open(self) -> int:
-        for path in (self.temp_path, self.store.blob_path(self.hex)):
-            if path:
-                try:
-                    return os.open(path, os.O_RDONLY)
-                except FileNotFoundError:
-                    continue
-        raise self.error or BlobUnknown(f"blob sha256:{self.hex} vanished")
 
 
 def _pread_range(fd: int, start: int, end: int) -> Iterator[bytes]:
@@ -135,29 +137,41 @@ class Downloads:
     """Start blob downloads, at most one per blob in this process."""
 
     def __init__(
-        self, store: Store, client: UpstreamClient, pull_timeout: float, size: int = 64
+        self,
+        store: Store,
+        client: UpstreamClient,
+        pull_timeout: float,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.client = client
         self.pull_timeout = pull_timeout
+        self.metrics = metrics or Metrics()
         self.active: dict[str, Download] = {}
-        self.pool = Pool(size)
-        self.upstream_pulls = 0
+        self.pool = Pool()
+        # Downloads that finished but still have readers: a weak reference
+        # lives exactly as long as some client is served from one.
+        self._served: weakref.WeakValueDictionary[str, Download] = (
+            weakref.WeakValueDictionary()
+        )
 
     def get(self, hex_digest: str, repo: Repository) -> Download:
         """Return the running download of a blob, or start one."""
         download = self.active.get(hex_digest)
         if download is None:
             download = Download(hex_digest, repo, self.store)
-            self.active[hex_digest] = download
-            gevent.spawn(self._run, download)
+            self.active[hex_digest] = self._served[hex_digest] = download
+            self.pool.spawn(self._run, download)
         return download
 
     def prefetch(self, hex_digest: str, repo: Repository) -> None:
         """Fetch a blob in the background if it is not cached yet."""
-        if hex_digest in self.active or self.store.has_blob(hex_digest):
-            return
-        self.pool.spawn(self.get, hex_digest, repo)
+        if hex_digest not in self.active and not self.store.has_blob(hex_digest):
+            self.get(hex_digest, repo)
+
+    def is_in_use(self, hex_digest: str) -> bool:
+        """Tell whether this process is writing a blob or serving it from one."""
+        return hex_digest in self.active or hex_digest in self._served
 
     def _run(self, download: Download) -> None:
         lock = self.store.lock(f"blob:{download.hex}")
@@ -199,7 +213,7 @@ class Downloads:
         if opened is None:
             return False
         fd, size = opened
-        os.close(fd)
+        download.attach(fd)
         download.size = download.written = size
         download.is_cached = True
         return True
@@ -215,7 +229,7 @@ class Downloads:
         return len(sizes), sum(sizes)
 
     def _fetch(self, download: Download) -> None:
-        self.upstream_pulls += 1
+        self.metrics.upstream_pull(download.repo.upstream)
         upstream = self.client.upstream(download.repo.upstream)
         log.info(
             'pulling blob from upstream: "%s@sha256:%s"',
@@ -229,6 +243,7 @@ class Downloads:
                 download.size = int(length) if length.isdigit() else -1
                 writer = self.store.new_blob_writer(download.hex)
                 download.temp_path = writer.temp_path
+                download.attach(os.open(writer.temp_path, os.O_RDONLY))
                 download.started.set()
                 try:
                     self._copy(response, writer, download)

@@ -22,13 +22,11 @@ import os
 import re
 import sys
 import time
-import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from ociregistry.config import Settings
-from ociregistry.downloads import Download
 from ociregistry.errors import ConfigError, RegistryError
 from ociregistry.listing import MEGABYTE, ReadOnlyCache, split_image_url
 from ociregistry.logs import setup_logging
@@ -304,30 +302,6 @@ class Pruner:
             if hex_digest in freed or stat.st_mtime <= cutoff:
                 candidates[hex_digest] = stat.st_size
         return candidates
-
-
-class BlobsInUse(dict[str, Download]):
-    """A process's active downloads, aware of the blobs still being served.
-
-    Installed as `Downloads.active`. A download leaves `active` when its blob
-    is committed, yet its readers may still be about to open the committed
-    file; they hold the Download, so a weak reference to it stays alive
-    exactly as long as some client is being served from it.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._served: weakref.WeakValueDictionary[str, Download] = (
-            weakref.WeakValueDictionary()
-        )
-
-    def __setitem__(self, hex_digest: str, download: Download) -> None:
-        super().__setitem__(hex_digest, download)
-        self._served[hex_digest] = download
-
-    def is_in_use(self, hex_digest: str) -> bool:
-        """Tell whether a blob is being written or served by this process."""
-        return hex_digest in self or hex_digest in self._served
 
 
 def run_prune(

@@ -9,7 +9,7 @@ from gevent.event import Event
 
 from ociregistry.config import PruneSettings
 from ociregistry.downloads import Downloads
-from ociregistry.prune import BlobsInUse, Pruner, PruneResult, age_selection
+from ociregistry.prune import Pruner, PruneResult, age_selection
 from ociregistry.store import Store
 
 log = logging.getLogger(__name__)
@@ -20,14 +20,8 @@ ORPHAN_AGE = 600.0  # seconds
 
 
 def serving_pruner(store: Store, downloads: Downloads) -> Pruner:
-    """Return the pruner of a serving process, which spares blobs in use.
-
-    It makes `downloads` remember which blobs its clients are reading.
-    """
-    in_use = BlobsInUse()
-    in_use.update(downloads.active)
-    downloads.active = in_use
-    return Pruner(store, in_use.is_in_use, ORPHAN_AGE)
+    """Return the pruner of a serving process, which spares blobs in use."""
+    return Pruner(store, downloads.is_in_use, ORPHAN_AGE)
 
 
 class BackgroundPruner:

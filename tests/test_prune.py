@@ -15,12 +15,14 @@ from pathlib import Path
 import pytest
 from support.processes import REPO_ROOT, OciServer, ProcessStartError
 
-from ociregistry.downloads import Download
+from ociregistry.config import Settings
+from ociregistry.downloads import Download, Downloads
 from ociregistry.listing import split_image_url
-from ociregistry.prune import BlobsInUse, Pruner, Selection, age_selection
+from ociregistry.prune import Pruner, Selection, age_selection
 from ociregistry.reference import Repository
 from ociregistry.rootlock import RootLock
 from ociregistry.store import Store
+from ociregistry.upstream import UpstreamClient
 
 pytest_plugins = ["support.cache_fill"]
 
@@ -281,17 +283,17 @@ def test_orphan_blobs_go_only_once_older_than_the_orphan_age(cache_copy):
 
 
 def test_blobs_in_use_include_downloads_still_being_read(tmp_path):
-    in_use = BlobsInUse()
-    download = Download("ab" * 32, Repository("127.0.0.2", "x"), Store(str(tmp_path)))
-    in_use[download.hex] = download
+    downloads = Downloads(Store(str(tmp_path)), UpstreamClient(Settings()), 1.0)
+    download = Download("ab" * 32, Repository("127.0.0.2", "x"), downloads.store)
+    downloads.active[download.hex] = downloads._served[download.hex] = download
 
-    in_use.pop(download.hex)
-    is_read = in_use.is_in_use(download.hex)
+    downloads.active.pop(download.hex)
+    is_read = downloads.is_in_use(download.hex)
     del download
     gc.collect()
 
     assert is_read
-    assert not in_use.is_in_use("ab" * 32)
+    assert not downloads.is_in_use("ab" * 32)
 
 
 # -- prunes racing pulls -------------------------------------------------------
