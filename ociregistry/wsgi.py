@@ -13,6 +13,9 @@ log = logging.getLogger("ociregistry.access")
 errors_log = logging.getLogger(__name__)
 
 API_VERSION = ("Docker-Distribution-Api-Version", "registry/2.0")
+SECRET_HEADERS = frozenset(
+    {"HTTP_AUTHORIZATION", "HTTP_PROXY_AUTHORIZATION", "HTTP_COOKIE"}
+)
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
@@ -23,6 +26,19 @@ def format_latency(seconds: float) -> str:
             text = f"{seconds / scale:.{digits}f}".rstrip("0").rstrip(".")
             return text + unit
     return f"{round(seconds * 1e9)}ns"
+
+
+def describe_headers(environ: dict[str, Any]) -> str:
+    """List a request's headers for the debug log, credentials withheld."""
+    shown = []
+    for key, value in environ.items():
+        if not key.startswith("HTTP_"):
+            continue
+        name = key[5:].replace("_", "-").title()
+        shown.append(
+            f"{name}=<withheld>" if key in SECRET_HEADERS else f"{name}={value}"
+        )
+    return " ".join(sorted(shown))
 
 
 class AccessLog:
@@ -36,6 +52,13 @@ class AccessLog:
     ) -> Iterable[bytes]:
         started = time.perf_counter()
         status = ["-"]
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                'request headers: "%s %s": %s',
+                environ.get("REQUEST_METHOD", ""),
+                environ.get("PATH_INFO", ""),
+                describe_headers(environ),
+            )
 
         def start(status_line: str, headers: list[Any], exc_info: Any = None) -> Any:
             status[0] = status_line.split(" ", 1)[0]

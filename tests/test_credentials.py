@@ -273,6 +273,7 @@ def test_debug_log_and_admin_output_hold_no_secret(
     secrets = [PASSWORD, ENV_PASSWORD, HELPER_SECRET, STATIC_TOKEN, *issued]
     assert issued
     assert "DEBU[" in log
+    assert "request headers:" in log
     for secret in secrets:
         assert secret not in log
         assert all(secret not in text for text in admin)
