@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import logging
 
-import gevent
-from gevent.event import Event
-
 from ociregistry.config import PruneSettings
 from ociregistry.downloads import Downloads
+from ociregistry.periodic import PeriodicTask
 from ociregistry.prune import Pruner, PruneResult, age_selection
 from ociregistry.store import Store
 
@@ -31,12 +29,13 @@ class BackgroundPruner:
         self.pruner = pruner
         self.settings = settings
         self.runs = 0
-        self._stopped = Event()
-        self._greenlet: gevent.Greenlet | None = None
+        self._task = PeriodicTask(
+            "background prune", settings.frequency, self.prune_once
+        )
 
     def start(self) -> None:
         """Start the schedule when pruneConfig enables it."""
-        if not self.settings.enabled or self._greenlet is not None:
+        if not self.settings.enabled:
             return
         log.info(
             "background pruning every %.0fs: type=%s duration=%.0fs count=%d "
@@ -47,22 +46,11 @@ class BackgroundPruner:
             self.settings.count,
             self.settings.dry_run,
         )
-        self._greenlet = gevent.spawn(self._run)
+        self._task.start()
 
     def stop(self) -> None:
         """Stop the schedule; a prune under way finishes first."""
-        self._stopped.set()
-        if self._greenlet is not None:
-            self._greenlet.join(timeout=10.0)
-            self._greenlet.kill(block=False)
-            self._greenlet = None
-
-    def _run(self) -> None:
-        while not self._stopped.wait(self.settings.frequency):
-            try:
-                self.prune_once()
-            except Exception:  # the schedule must survive one bad run
-                log.exception("background prune failed")
+        self._task.stop()
 
     def prune_once(self) -> PruneResult:
         """Prune what the settings say is due now, and log what went."""

@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable
 
 import gevent
-from gevent.event import Event
 
 from ociregistry.manifest import TIME_FORMAT, Manifest
+from ociregistry.periodic import PeriodicTask
 from ociregistry.prune import Pruner, PruneResult, expand_indexes
 from ociregistry.store import BLOBS, IMAGES, LATEST, TEMP, Store
 
@@ -87,37 +87,25 @@ class Quota:
         self.evictions = 0
         self._usage = 0
         self._measured_at: tuple[int, ...] = ()
-        self._stopped = Event()
-        self._greenlet: gevent.Greenlet | None = None
+        self._task = PeriodicTask("cache quota check", interval, self.enforce)
         self._warned_full = False
 
     # -- schedule --------------------------------------------------------------
 
     def start(self) -> None:
         """Watch the cache root in a greenlet, when a quota is set."""
-        if self.max_bytes <= 0 or self._greenlet is not None:
+        if self.max_bytes <= 0:
             return
         log.info(
             "cache quota: %.2f MB, checked every %gs",
             self.max_bytes / MEGABYTE,
             self.interval,
         )
-        self._greenlet = gevent.spawn(self._run)
+        self._task.start()
 
     def stop(self) -> None:
         """Stop watching; an eviction under way finishes first."""
-        self._stopped.set()
-        if self._greenlet is not None:
-            self._greenlet.join(timeout=10.0)
-            self._greenlet.kill(block=False)
-            self._greenlet = None
-
-    def _run(self) -> None:
-        while not self._stopped.wait(self.interval):
-            try:
-                self.enforce()
-            except Exception:  # the watch must survive one bad run
-                log.exception("cache quota check failed")
+        self._task.stop()
 
     # -- measuring and evicting ------------------------------------------------
 

@@ -195,7 +195,7 @@ def test_no_quota_never_watches(store):
 
     quota.start()
 
-    assert quota._greenlet is None
+    assert not quota._task.is_running
 
 
 def _with_layer(seed: str, layer: Blob) -> Image:
