@@ -17,7 +17,7 @@ import bottle
 import gevent
 
 from ociregistry.access import AdminAccess
-from ociregistry.config import parse_duration
+from ociregistry.configfile import parse_duration
 from ociregistry.errors import BadRequest, RegistryError
 from ociregistry.listing import manifest_rows
 from ociregistry.manifest import Manifest

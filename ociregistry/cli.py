@@ -12,7 +12,8 @@ from typing import Any
 from docopt import DocoptExit, docopt
 
 import ociregistry
-from ociregistry.config import Settings, load_settings, overrides_from_options
+from ociregistry.config import Settings
+from ociregistry.configfile import load_settings, overrides_from_options
 from ociregistry.errors import ConfigError
 
 PROGRAM = "ociregistry"

@@ -8,11 +8,8 @@ from typing import Any
 
 import pytest
 
-from ociregistry.config import (
-    AuthSettings,
-    RegistrySettings,
-    Settings,
-    TlsSettings,
+from ociregistry.config import AuthSettings, RegistrySettings, Settings, TlsSettings
+from ociregistry.configfile import (
     load_settings,
     overrides_from_options,
     parse_duration,

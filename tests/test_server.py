@@ -34,7 +34,7 @@ import sys
 
 import gevent
 
-from ociregistry.config import load_settings
+from ociregistry.configfile import load_settings
 from ociregistry.server import serve
 
 marker = pathlib.Path(sys.argv[2])
