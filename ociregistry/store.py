@@ -159,6 +159,12 @@ class BlobWriter:
     def abort(self) -> None:
         """Throw the temporary file away (idempotent)."""
         if self.fd >= 0:
+            # Readers of the download may keep the file open; emptying it
+            # gives its space back now rather than when the last one closes.
+            try:
+                os.ftruncate(self.fd, 0)
+            except OSError:
+                pass
             os.close(self.fd)
             self.fd = -1
         try:
