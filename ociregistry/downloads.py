@@ -68,17 +68,30 @@ class Download:
         self.error: RegistryError | None = None
         self.started = Event()
         self.fd = -1
+        self._readers = 0
         self._changed = Event()
 
     def attach(self, fd: int) -> None:
-        """Read from this open file for as long as the download is referenced.
+        """Serve readers from this open file until the download is over.
 
         Readers share the descriptor (pread keeps no position), so they go on
         reading the same bytes after the file is renamed into place, and even
-        after a prune unlinks it.
+        after a prune unlinks it. It is closed once the download has ended
+        and no reader is left, so a failed download frees its disk space.
         """
         self.fd = fd
-        weakref.finalize(self, os.close, fd)
+
+    def finish(self) -> None:
+        """Mark the download ended and wake its readers."""
+        self.is_done = True
+        self.started.set()
+        self.notify()
+        self._close_if_idle()
+
+    def _close_if_idle(self) -> None:
+        if self.is_done and self._readers == 0 and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def notify(self) -> None:
         """Wake every reader waiting for more bytes or the end."""
@@ -98,23 +111,43 @@ class Download:
         The blob's last byte is held back until its digest has been checked,
         so a client never receives a complete body of wrong bytes.
         """
+        if self.fd < 0 and self.error is None and self.is_done:
+            yield from self._read_cached(start, end)
+            return
         if self.fd < 0:
             raise self.error or BlobUnknown(f"blob sha256:{self.hex} vanished")
-        position = start
-        while end < 0 or position < end:
-            changed = self._changed
-            if self.error is not None:
-                raise StreamAborted(self.error.message)
-            available = self._sendable() if end < 0 else min(self._sendable(), end)
-            if available > position:
-                for chunk in _pread_range(self.fd, position, available):
-                    position += len(chunk)
-                    yield chunk
-                continue
-            if self.is_done:
-                break
-            if not changed.wait(timeout):
-                raise StreamAborted("blob download stalled")
+        self._readers += 1
+        try:
+            position = start
+            while end < 0 or position < end:
+                changed = self._changed
+                if self.error is not None:
+                    raise StreamAborted(self.error.message)
+                sendable = self._sendable()
+                available = sendable if end < 0 else min(sendable, end)
+                if available > position:
+                    for chunk in _pread_range(self.fd, position, available):
+                        position += len(chunk)
+                        yield chunk
+                    continue
+                if self.is_done:
+                    break
+                if not changed.wait(timeout):
+                    raise StreamAborted("blob download stalled")
+        finally:
+            self._readers -= 1
+            self._close_if_idle()
+
+    def _read_cached(self, start: int, end: int) -> Iterator[bytes]:
+        """Read a blob this download finished, from its place in the cache."""
+        opened = self.store.open_blob(self.hex)
+        if opened is None:
+            raise BlobUnknown(f"blob sha256:{self.hex} vanished")
+        fd, size = opened
+        try:
+            yield from _pread_range(fd, start, size if end < 0 else end)
+        finally:
+            os.close(fd)
 
     def _sendable(self) -> int:
         """Return how many bytes may go to clients now."""
@@ -186,10 +219,8 @@ class Downloads:
             log.exception("blob download crashed: %r", download.hex[:12])
         finally:
             lock.release()
-            download.is_done = True
-            download.started.set()
-            download.notify()
             self.active.pop(download.hex, None)
+            download.finish()
 
     def _claim(self, lock: FileLock, download: Download) -> bool:
         """Take the blob's lock; return False when another process cached it."""
@@ -213,7 +244,7 @@ class Downloads:
         if opened is None:
             return False
         fd, size = opened
-        download.attach(fd)
+        os.close(fd)
         download.size = download.written = size
         download.is_cached = True
         return True
