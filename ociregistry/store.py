@@ -149,6 +149,8 @@ class BlobWriter:
             fsync_file(self.fd)
             final = self.store.blob_path(self.hex)
             os.rename(self.temp_path, final)
+            # The rename is durable only once its directory is flushed too.
+            fsync_dir(os.path.dirname(final))
         except BaseException:
             self.abort()
             raise
@@ -343,6 +345,7 @@ class Store:
             finally:
                 os.close(fd)
             os.rename(temp, path)
+            fsync_dir(os.path.dirname(path))
         except OSError as error:
             with_suppressed_unlink(temp)
             raise_for_disk(error, f"manifest {record.digest}")
