@@ -20,20 +20,9 @@ from pathlib import Path
 
 import pytest
 import urllib3
+from support.cache_checks import assert_cache_sound
 from support.fake_upstream import Stall, Trickle
-from support.images import (
-    OCI_CONFIG,
-    OCI_LAYER,
-    OCI_MANIFEST,
-    Blob,
-    Image,
-    make_image,
-    seeded_bytes,
-    serialise,
-    sha256_digest,
-)
-
-from ociregistry.manifest import Manifest
+from support.images import Image, make_image, raw_image
 
 KILLS = 15
 SEED = 8
@@ -41,34 +30,6 @@ MIB = 1024 * 1024
 MAX_KILL_DELAY = 0.8  # seconds: about as long as a trickled pull takes
 TRICKLE = dict(chunk_size=64 * 1024, interval=0.01)  # about 6 MB/s a stream
 REPO = "app/crash"
-
-
-def raw_image(seed: str, layer_sizes: list[int]) -> Image:
-    """Build an image whose layers are plain random bytes (quick to make)."""
-    layers = [
-        Blob.of(seeded_bytes(f"{seed}/{n}", size), OCI_LAYER)
-        for n, size in enumerate(layer_sizes)
-    ]
-    config = Blob.of(serialise({"seed": seed, "os": "linux"}), OCI_CONFIG)
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": config.descriptor(),
-        "layers": [layer.descriptor() for layer in layers],
-    }
-    data = serialise(manifest)
-    return Image(data, sha256_digest(data), OCI_MANIFEST, config, layers)
-
-
-def assert_cache_sound(root: Path) -> None:
-    """Check every blob hashes to its name and every record verifies."""
-    for path in (root / "blobs").iterdir():
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        assert digest == path.name, f"corrupt blob {path}"
-    for folder in ("img", "lts"):
-        for path in (root / folder).iterdir():
-            record = Manifest.from_record(path.read_bytes())
-            assert record.hex == path.name, f"record {path} is named wrongly"
 
 
 def cached_names(root: Path) -> set[str]:

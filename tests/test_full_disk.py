@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import urllib3
-from support.images import make_image
+from support.cache_checks import assert_cache_sound
+from support.images import make_image, raw_image
 from support.processes import wait_until
-from test_crash_safety import assert_cache_sound, raw_image
 
 MIB = 1024 * 1024
 TMPFS_SIZE = "4m"

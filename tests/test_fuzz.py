@@ -17,8 +17,8 @@ from urllib.parse import quote
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.cache_checks import assert_cache_sound
 from support.images import make_image
-from test_crash_safety import assert_cache_sound
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "400"))
 ADMIN_TOKEN = "fuzz-admin-token-never-sent"

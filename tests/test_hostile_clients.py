@@ -22,9 +22,10 @@ from http.client import HTTPResponse
 
 import pytest
 import urllib3
+from support.cache_checks import assert_cache_sound
 from support.fake_upstream import Trickle
+from support.images import raw_image
 from support.processes import OciServer, wait_until
-from test_crash_safety import assert_cache_sound, raw_image
 
 MIB = 1024 * 1024
 REPO = "app/hostile"

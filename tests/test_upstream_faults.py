@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import urllib3
+from support.cache_checks import assert_cache_sound
 from support.fake_upstream import (
     DropAfter,
     FakeUpstream,
@@ -35,9 +36,8 @@ from support.fake_upstream import (
     WrongBytes,
     WrongContentType,
 )
-from support.images import Image
+from support.images import Image, raw_image
 from support.processes import OciServer, free_port, wait_until
-from test_crash_safety import assert_cache_sound, raw_image
 
 from ociregistry.manifest import Manifest
 

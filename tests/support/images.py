@@ -327,3 +327,20 @@ def standard_content() -> dict[str, Image | ImageIndex]:
         "single/oci:CaseTag": make_image("single-oci-case"),
         "a/b/c/d/e:1": make_image("a-b-c-d-e"),
     }
+
+
+def raw_image(seed: str, layer_sizes: list[int]) -> Image:
+    """Build an image whose layers are plain random bytes (quick to make)."""
+    layers = [
+        Blob.of(seeded_bytes(f"{seed}/{n}", size), OCI_LAYER)
+        for n, size in enumerate(layer_sizes)
+    ]
+    config = Blob.of(serialise({"seed": seed, "os": "linux"}), OCI_CONFIG)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": config.descriptor(),
+        "layers": [layer.descriptor() for layer in layers],
+    }
+    data = serialise(manifest)
+    return Image(data, sha256_digest(data), OCI_MANIFEST, config, layers)
