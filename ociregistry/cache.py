@@ -171,7 +171,8 @@ class PullThroughCache:
         flight = self._flights.get(key)
         if flight is not None:
             try:
-                return flight.get(timeout=self.settings.pull_timeout)  # type: ignore[no-any-return]
+                result: T = flight.get(timeout=self.settings.pull_timeout)
+                return result
             except gevent.Timeout:
                 raise UpstreamTimeout(
                     key.split("/")[0], "waited too long for a pull"

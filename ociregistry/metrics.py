@@ -55,10 +55,6 @@ class Metrics:
     def watch(self, store: Store, in_flight: Callable[[], int]) -> None:
         """Report the cache root's size and the running upstream downloads."""
 
-    def wrap(self, app: WsgiApp) -> WsgiApp:
-        """Return the app, timed per request when metrics are on."""
-        return app
-
 
 class PrometheusMetrics(Metrics):
     """Record events in a prometheus-client registry of this server's own."""
@@ -125,10 +121,6 @@ class PrometheusMetrics(Metrics):
     def watch(self, store: Store, in_flight: Callable[[], int]) -> None:
         """Report the cache root's size and the running upstream downloads."""
         self.registry.register(CacheCollector(store, in_flight))
-
-    def wrap(self, app: WsgiApp) -> WsgiApp:
-        """Return the app with each request's latency observed."""
-        return TimedApp(app, self)
 
     def exposition(self) -> bytes:
         """Return every metric in the Prometheus text format."""
@@ -232,60 +224,6 @@ def _sizes(directory: str) -> tuple[int, int]:
                 continue  # pruned while we looked
             count += 1
     return count, total
-
-
-def endpoint_of(path: str) -> str:
-    """Return the endpoint a request path belongs to, for latency labels."""
-    if path.startswith("/cmd/"):
-        return "cmd"
-    if path in ("/v2", "/v2/"):
-        return "v2"
-    if path == "/v2/_catalog":
-        return "catalog"
-    segments = path.split("/")
-    if len(segments) >= 4 and segments[-2] in ("manifests", "blobs", "referrers"):
-        return segments[-2]
-    if len(segments) >= 5 and segments[-2:] == ["tags", "list"]:
-        return "tags"
-    return "other"
-
-
-class TimedApp:
-    """WSGI middleware: observe each request until its body is sent."""
-
-    def __init__(self, app: WsgiApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    def __call__(
-        self, environ: dict[str, Any], start_response: Callable[..., Any]
-    ) -> Iterable[bytes]:
-        started = time.perf_counter()
-        endpoint = endpoint_of(environ.get("PATH_INFO", ""))
-        body = self.app(environ, start_response)
-        return _TimedBody(body, lambda: self._observe(endpoint, started))
-
-    def _observe(self, endpoint: str, started: float) -> None:
-        self.metrics.request_seconds(endpoint, time.perf_counter() - started)
-
-
-class _TimedBody:
-    """Pass a response body through; call `on_close` when the server closes it."""
-
-    def __init__(self, body: Iterable[bytes], on_close: Callable[[], None]) -> None:
-        self.body = body
-        self.on_close = on_close
-
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(self.body)
-
-    def close(self) -> None:
-        try:
-            close = getattr(self.body, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self.on_close()
 
 
 class MetricsApp:

@@ -68,7 +68,7 @@ class Registry:
         )
         self.root_lock = RootLock(self.store.root)
         self.metrics.watch(self.store, lambda: len(self.cache.downloads.active))
-        self.wsgi = AccessLog(self.metrics.wrap(self.app))
+        self.wsgi = AccessLog(self.app, self.metrics)
         self.is_ready = False
 
     def start(self) -> None:

@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ociregistry.downloads import StreamAborted
+from ociregistry.metrics import Metrics
+from ociregistry.routes import parse_api_path
 
 log = logging.getLogger("ociregistry.access")
 errors_log = logging.getLogger(__name__)
@@ -16,6 +18,7 @@ API_VERSION = ("Docker-Distribution-Api-Version", "registry/2.0")
 SECRET_HEADERS = frozenset(
     {"HTTP_AUTHORIZATION", "HTTP_PROXY_AUTHORIZATION", "HTTP_COOKIE"}
 )
+ENDPOINTS = frozenset({"catalog", "tags", "manifests", "blobs", "referrers"})
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
@@ -41,11 +44,24 @@ def describe_headers(environ: dict[str, Any]) -> str:
     return " ".join(sorted(shown))
 
 
-class AccessLog:
-    """Log one line per request and add the headers every response carries."""
+def endpoint_of(path: str) -> str:
+    """Return the endpoint a request path belongs to, for latency labels."""
+    if path.startswith("/cmd/"):
+        return "cmd"
+    if path in ("/v2", "/v2/"):
+        return "v2"
+    if path.startswith("/v2/"):
+        kind = parse_api_path(path[4:]).kind
+        return kind if kind in ENDPOINTS else "other"
+    return "other"
 
-    def __init__(self, app: WsgiApp) -> None:
+
+class AccessLog:
+    """Log and time each request; add the headers every response carries."""
+
+    def __init__(self, app: WsgiApp, metrics: Metrics | None = None) -> None:
         self.app = app
+        self.metrics = metrics or Metrics()
 
     def __call__(
         self, environ: dict[str, Any], start_response: Callable[..., Any]
@@ -66,10 +82,11 @@ class AccessLog:
             return start_response(status_line, headers, exc_info)
 
         body = self.app(environ, start)
-        return _LoggedBody(body, lambda: self._log(environ, status[0], started))
+        return _LoggedBody(body, lambda: self._done(environ, status[0], started))
 
-    @staticmethod
-    def _log(environ: dict[str, Any], status: str, started: float) -> None:
+    def _done(self, environ: dict[str, Any], status: str, started: float) -> None:
+        seconds = time.perf_counter() - started
+        self.metrics.request_seconds(endpoint_of(environ.get("PATH_INFO", "")), seconds)
         if not log.isEnabledFor(logging.INFO):
             return
         path = environ.get("PATH_INFO", "")
@@ -80,7 +97,7 @@ class AccessLog:
             path,
             f"?{query}" if query else "",
             status,
-            format_latency(time.perf_counter() - started),
+            format_latency(seconds),
             environ.get("HTTP_HOST", "-"),
             environ.get("REMOTE_ADDR", "-"),
         )

@@ -15,7 +15,7 @@ from support.images import make_image
 from support.processes import REPO_ROOT, OciServer, free_port, wait_until
 
 from ociregistry.health import HealthApp
-from ociregistry.metrics import Metrics, PrometheusMetrics, endpoint_of
+from ociregistry.wsgi import endpoint_of
 
 PRELOADED = make_image("health-preload", layer_sizes=(1024,))
 
@@ -168,14 +168,6 @@ def test_metrics_answer_only_on_their_path(oci_server):
 
     assert side_get(port, "/metrics").status == 200
     assert side_get(port, "/").status == 404
-
-
-def test_metrics_off_is_the_no_op_base():
-    def app(environ, start_response):
-        return [b""]
-
-    assert Metrics().wrap(app) is app
-    assert type(PrometheusMetrics().wrap(app)) is not type(app)
 
 
 @pytest.mark.parametrize(
