@@ -227,7 +227,12 @@ def blob_response(
     status = 200
     header = bottle.request.headers.get("Range", "")
     if header and size >= 0:
-        start, end = parse_range(header, size)
+        try:
+            start, end = parse_range(header, size)
+        except RangeInvalid as error:
+            refusal = error_response(error)
+            refusal.set_header("Content-Range", f"bytes */{size}")
+            raise refusal from None
         status = 206
     is_head = bottle.request.method == "HEAD"
     if isinstance(blob, CachedBlob):

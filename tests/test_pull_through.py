@@ -155,6 +155,8 @@ def test_blob_ranges_are_answered_with_206(registry_upstream, oci_server):
     assert whole.status == 200 and sha256(whole.data) == layer.digest
     assert whole.headers["Content-Length"] == str(len(layer.data))
     assert outside.status == 416
+    assert outside.headers["Content-Range"] == f"bytes */{len(layer.data)}"
+    assert json.loads(outside.data)["errors"][0]["code"] == "RANGE_INVALID"
 
 
 def test_head_answers_like_get_without_a_body(registry_upstream, oci_server):
