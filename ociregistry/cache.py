@@ -61,7 +61,6 @@ class PullThroughCache:
         self._flights: dict[str, AsyncResult] = {}
         self.freshness = TagFreshness(settings, client)
         self.negative = NegativeCache(settings.negative_ttl)
-        self._validated = self.freshness.validated
 
     # -- manifests -----------------------------------------------------------
 
@@ -134,11 +133,11 @@ class PullThroughCache:
             raise UpstreamError(repo.upstream, error.message) from None
         if cached is not None and cached.digest == digest:
             self.store.touch_manifest(cached, url)
-            self._validated[url] = time.monotonic()
+            self.freshness.mark_validated(url)
             return cached
         manifest = Manifest(digest, media_type, data, [url])
         record = self.store.put_manifest(manifest, url)
-        self._validated[url] = time.monotonic()
+        self.freshness.mark_validated(url)
         self._prefetch(repo, record)
         return record
 
